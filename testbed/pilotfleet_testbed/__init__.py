@@ -1,0 +1,1 @@
+"""pilotfleet_testbed."""

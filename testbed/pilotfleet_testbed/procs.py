@@ -1,0 +1,136 @@
+"""Start, watch and stop the testbed's child processes: one place for logs, readiness and cleanup."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class StartError(RuntimeError):
+    """A testbed part could not start; the message says which and shows the end of its log."""
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Return True when something accepts TCP connections on host:port."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """Return the last lines of a log file, or a note that it is empty."""
+    if not path.exists():
+        return "(no log)"
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:]) or "(empty log)"
+
+
+@dataclass
+class Process:
+    """A child process started by the testbed, with its own log file and process group."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        """The child's pid (also its process group id)."""
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        """Return True while the process runs."""
+        return self.popen.poll() is None
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll `ready` until it returns True; raise StartError if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise StartError(
+                    f"{self.name} exited with status {self.popen.returncode} before {what}; "
+                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            if ready():
+                return
+            time.sleep(0.05)
+        raise StartError(
+            f"{self.name} not {what} after {timeout:.0f}s; log {self.log_path}:\n{log_tail(self.log_path)}"
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the process group: SIGTERM, then SIGKILL after `timeout` seconds."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s ignored SIGTERM for %.0fs; killing it", self.name, timeout)
+        # Children of the leader (e.g. Triton's backend stubs) may outlive it: kill what is left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait()
+
+
+def start(
+    name: str,
+    argv: Sequence[str | os.PathLike[str]],
+    log_dir: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Process:
+    """Start `argv` in its own process group, its output appended to `<log_dir>/<name>.log`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    with log_path.open("ab") as out:
+        try:
+            popen = subprocess.Popen(
+                [str(a) for a in argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise StartError(f"{name}: cannot run {argv[0]}: {exc}") from exc
+    log.debug("started %s pid %d: %s", name, popen.pid, " ".join(str(a) for a in argv))
+    return Process(name=name, popen=popen, log_path=log_path)
+
+
+def stop_group(pid: int, timeout: float = 10.0) -> None:
+    """Terminate the group led by `pid` (started by an earlier command, not our child), then SIGKILL."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
