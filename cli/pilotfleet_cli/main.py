@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+
+# Each package owns its subcommands through a `register(subparsers)` function in its `cli` module.
+_SUBCOMMAND_MODULES = (
+    "pilotfleet_testbed.cli",
+    "pilotfleet_operator.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,9 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pilotfleet", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    from pilotfleet_testbed.cli import register as register_testbed
-
-    register_testbed(sub)
+    for name in _SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -88,6 +88,12 @@ class Process:
             os.killpg(self.pid, signal.SIGKILL)
         self.popen.wait()
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once, with no chance to shut down (a crash), and reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait()
+
 
 def start(
     name: str,
@@ -95,8 +101,13 @@ def start(
     log_dir: Path,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    pipe_stdio: bool = False,
 ) -> Process:
-    """Start `argv` in its own process group, its output appended to `<log_dir>/<name>.log`."""
+    """Start `argv` in its own process group, its output appended to `<log_dir>/<name>.log`.
+
+    With `pipe_stdio`, stdin and stdout are pipes (`popen.stdin`/`popen.stdout`) for a protocol spoken over
+    stdio, such as LSP, and only stderr goes to the log.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     full_env = dict(os.environ)
@@ -106,9 +117,9 @@ def start(
         try:
             popen = subprocess.Popen(
                 [str(a) for a in argv],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipe_stdio else out,
+                stderr=out if pipe_stdio else subprocess.STDOUT,
+                stdin=subprocess.PIPE if pipe_stdio else subprocess.DEVNULL,
                 env=full_env,
                 cwd=cwd,
                 start_new_session=True,
@@ -127,10 +138,39 @@ def stop_group(pid: int, timeout: float = 10.0) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
+        if not group_running(pid):
             return
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def group_running(pgid: int) -> bool:
+    """Return True while a process of group `pgid` still runs (zombies do not count).
+
+    `killpg(pgid, 0)` is not enough: an orphan's zombie lingers until init reaps it (about 2 s here).
+    """
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
+            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
+
+
+def run_checked(argv: Sequence[str | os.PathLike[str]], timeout: float = 60.0) -> str:
+    """Run a short command to its end and return its stdout; raise StartError with its output if it fails."""
+    command = " ".join(str(a) for a in argv)
+    try:
+        done = subprocess.run(
+            [str(a) for a in argv], check=True, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.CalledProcessError as exc:
+        output = (exc.stderr or exc.stdout or "")[-3000:]
+        raise StartError(f"{command} exited with status {exc.returncode}:\n{output}") from exc
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise StartError(f"{command} failed: {exc}") from exc
+    return done.stdout

