@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import statistics
 import threading
 import time
 import uuid
@@ -336,23 +335,17 @@ def test_model_that_fails_to_load_fails_the_start_with_its_log(tmp_path: Path) -
     assert "tritonserver exited" in str(raised.value)
 
 
-def test_start_times_and_latency(tmp_path: Path, triton_server_factory: TritonServerFactory) -> None:
+def test_restart_serves_again_on_the_same_ports(triton_server_factory: TritonServerFactory) -> None:
+    """A restarted server answers on the same address, and every one of many requests is right."""
     server = triton_server_factory()
-    cold = server.start_seconds
+    ports = server.ports
     server.restart()
-    warm = server.start_seconds
+    assert server.ports == ports
     client = grpcclient.InferenceServerClient(server.url)
-    inputs = ft_inputs([list(range(66))], output_len=16)
-    client.infer("ft-echo", inputs)
-    samples = []
+    prompt = list(range(66))
+    inputs = ft_inputs([prompt], output_len=16)
     for _ in range(200):
-        began = time.perf_counter()
-        client.infer("ft-echo", inputs)
-        samples.append(time.perf_counter() - began)
-    p50 = statistics.median(samples) * 1000
-    log.warning(
-        "Triton start: first %.2fs, restart %.2fs; ft-echo p50 %.2f ms (66 ids + 16)", cold, warm, p50
-    )
-
-    assert cold < 30 and warm < 30
-    assert p50 < 20, f"a trivial request took {p50:.1f} ms at p50"
+        output = client.infer("ft-echo", inputs).as_numpy("output_ids")
+        assert output is not None
+        assert output[0, 0].tolist() == prompt + prompt[:16]
+    client.close()
