@@ -11,7 +11,7 @@ export PILOTFLEET_CACHE ?= $(HOME)/.cache/pilotfleet
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check pip==25.3
-	$(BIN)/pip install -q --disable-pip-version-check -c requirements/lock.txt -e ".[dev,triton]"
+	$(BIN)/pip install -q --disable-pip-version-check -c requirements/lock.txt -e ".[dev,triton,serve]"
 	touch $@
 
 venv: $(VENV)/.installed

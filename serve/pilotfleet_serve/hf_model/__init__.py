@@ -1,0 +1,1 @@
+"""The Triton Python-backend model (model.py) and its config.pbtxt template."""
