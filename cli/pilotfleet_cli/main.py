@@ -11,6 +11,7 @@ import sys
 _SUBCOMMAND_MODULES = (
     "pilotfleet_testbed.cli",
     "pilotfleet_operator.cli",
+    "pilotfleet_serve.cli",
 )
 
 
