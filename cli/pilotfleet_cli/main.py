@@ -12,6 +12,7 @@ _SUBCOMMAND_MODULES = (
     "pilotfleet_testbed.cli",
     "pilotfleet_fetch.cli",
     "pilotfleet_operator.cli",
+    "pilotfleet_proxy.cli",
     "pilotfleet_serve.cli",
 )
 

@@ -1,0 +1,27 @@
+"""GET /v1/models (OpenAI) and GET /models (Copilot asks there): the models of the route table."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from pilotfleet_proxy.protocol import ModelCard, ModelList
+from pilotfleet_proxy.state import State
+
+router = APIRouter(tags=["models"])
+
+
+@router.get("/v1/models")
+@router.get("/models")
+async def list_models(state: State) -> Response:
+    """Every model by its name; aliases route too and are listed with it."""
+    created = state.fleet.loaded_at
+    cards = [
+        ModelCard(
+            id=served.route.name,
+            created=created,
+            aliases=list(served.route.aliases),
+            context_length=served.route.context_length,
+        )
+        for served in state.fleet.models()
+    ]
+    return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
