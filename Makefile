@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Slow-to-build parts (Kubernetes binaries, npm packages, helm/kubectl) are cached here by version.
 export PILOTFLEET_CACHE ?= $(HOME)/.cache/pilotfleet
 
-.PHONY: venv testbed-build lint test demo clean
+.PHONY: venv testbed-build lint test demo clean images
 
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	$(PY) -m venv $(VENV)
@@ -27,8 +27,15 @@ lint: venv
 test: lint testbed-build
 	$(BIN)/pytest
 
+# The embedded default: a real fleet on this machine (SmolLM2-135M on CPU Triton behind the proxy) answering
+# a completion, then the operator's side on the testbed (real Kubernetes, simulated GPU nodes).
 demo: testbed-build
+	$(BIN)/pilotfleet serve --once "def fibonacci(n):"
 	$(BIN)/pilotfleet testbed demo
+
+# The pilotfleet and pilotfleet-triton-cpu images (podman, no registry needed); prints their sizes.
+images: venv
+	$(BIN)/python -m pilotfleet_testbed.images_cli images build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -10,6 +10,7 @@ import sys
 # Each package owns its subcommands through a `register(subparsers)` function in its `cli` module.
 _SUBCOMMAND_MODULES = (
     "pilotfleet_testbed.cli",
+    "pilotfleet_testbed.images_cli",
     "pilotfleet_fetch.cli",
     "pilotfleet_operator.cli",
     "pilotfleet_proxy.cli",
