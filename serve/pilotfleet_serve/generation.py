@@ -1,12 +1,13 @@
 """The decode loop of pilotfleet's Hugging Face backend: plain torch and transformers, no Triton.
 
-Three layers, each replaceable on its own (issue #7 swaps the cache and the step for a static cache and
-a CUDA graph without touching the rest):
+Three layers, each replaceable on its own:
 
-- `choose_tokens`: penalties, bad words, greedy or seeded top-k/top-p sampling for a batch of rows;
-- `BatchDecoder`: the running batch (one KV cache for all rows). Rows join between steps (their prompts
-  are prefilled and the caches merged, left-padded) and leave when they finish, so a request never waits
-  for a long one ahead of it to end;
+- `choose_tokens`: penalties, bad words, greedy or seeded top-k/top-p sampling for a batch of rows, all
+  on the logits' device; `accept_tokens` then copies the chosen ids to the host once per step;
+- a `Decoder`, the running batch. Rows join between steps and leave when they finish, so a request never
+  waits for a long one ahead of it to end. `BatchDecoder` here keeps one dynamic KV cache (new rows are
+  prefilled and the caches merged, left-padded); `static_decode.StaticBatchDecoder` (issue #7) keeps
+  fixed slots of a preallocated cache and replays its steps as CUDA graphs on a GPU;
 - `Scheduler`: one thread that feeds the decoder from a queue of jobs (the rows of one request) and
   reports each job's progress after every step, which is what streaming needs.
 
@@ -23,7 +24,7 @@ import random
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -141,28 +142,38 @@ def _apply_penalties(logits: torch.Tensor, row: Row) -> None:
                 logits[word[-1]] = float("-inf")
 
 
-def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """Draw one token from a row's logits [V] with temperature, top-k and top-p."""
-    scaled = logits / sampling.temperature
-    if sampling.top_k > 0:
-        k = min(sampling.top_k, scaled.numel())
-        kth = torch.topk(scaled, k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        ordered, order = torch.sort(scaled, descending=True)
-        probs = torch.softmax(ordered, dim=-1)
-        # Drop a token when the ones before it already reach top_p; the first one always stays.
-        drop = (torch.cumsum(probs, dim=-1) - probs) > sampling.top_p
-        scaled = scaled.scatter(0, order[drop], float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+def _sample(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Draw one token per row from logits [N, V] with each row's temperature, top-k and top-p, on the device.
+
+    Each row draws its noise from its own generator, so a row samples the same tokens whatever batch it
+    runs in, and nothing here waits for the device.
+    """
+    device = logits.device
+    vocab = logits.shape[-1]
+    temperature = torch.tensor([r.spec.sampling.temperature for r in rows], device=device)
+    top_k = torch.tensor([r.spec.sampling.top_k or vocab for r in rows], device=device)
+    top_p = torch.tensor([r.spec.sampling.top_p for r in rows], device=device)
+    ordered, order = torch.sort(logits / temperature.unsqueeze(1), dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device)
+    ordered = ordered.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    # Drop a token when the ones before it already reach top_p; the first one always stays.
+    drop = (torch.cumsum(probs, dim=-1) - probs) > top_p.unsqueeze(1)
+    probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1)
+    # probs / Exp(1) noise peaks at index i with probability probs[i] (the exponential race).
+    noise = torch.stack([torch.empty(vocab, device=device).exponential_(generator=r.generator) for r in rows])
+    # A zero draw would turn a dropped token's 0 / 0 into NaN, which argmax takes as the largest value.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    picked = torch.argmax(probs / noise, dim=-1, keepdim=True)
+    return order.gather(1, picked).squeeze(1)
 
 
-def choose_tokens(logits: torch.Tensor, rows: Sequence[Row]) -> tuple[list[int], list[float]]:
-    """Pick the next token of every row from the last position's logits [B, V].
+def choose_tokens(logits: torch.Tensor, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the next token of every row from the last position's logits [B, V], on the logits' device.
 
-    Returns the tokens and their log probabilities under the model's own distribution (before
+    Returns the tokens [B] and their log probabilities [B] under the model's own distribution (before
     penalties, temperature and truncation), which is what clients asking for logprobs want to see.
+    Both stay on the device: the caller copies them to the host once per step.
     """
     logits = logits.float()
     log_probs = torch.log_softmax(logits, dim=-1)
@@ -174,12 +185,52 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[Row]) -> tuple[list[int],
         processed = logits.clone()
         for i, row in enumerate(rows):
             _apply_penalties(processed[i], row)
-    tokens = processed.argmax(dim=-1).tolist()
-    for i, row in enumerate(rows):
-        if not row.spec.sampling.greedy:
-            tokens[i] = _sample(processed[i], row.spec.sampling, row.generator)
-    chosen = log_probs.gather(1, torch.tensor(tokens, device=logits.device).unsqueeze(1)).squeeze(1)
-    return [int(t) for t in tokens], [float(p) for p in chosen.tolist()]
+    tokens = processed.argmax(dim=-1)
+    sampled = [i for i, row in enumerate(rows) if not row.spec.sampling.greedy]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        drawn = _sample(processed.index_select(0, index), [rows[i] for i in sampled])
+        tokens = tokens.index_copy(0, index, drawn)
+    return tokens, log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
+def accept_tokens(rows: Sequence[Row], tokens: torch.Tensor, log_probs: torch.Tensor) -> None:
+    """Hand each row its chosen token: the one copy to the host that a decode step needs."""
+    # float64 holds every token id exactly, so one transfer carries ids and log probabilities together.
+    host = torch.stack((tokens.double(), log_probs.double())).cpu().tolist()
+    for row, token, log_prob in zip(rows, host[0], host[1], strict=True):
+        row.accept(int(token), log_prob)
+
+
+class Decoder(Protocol):
+    """What the scheduler drives: a running batch that rows join and leave between decode steps."""
+
+    device: torch.device
+    max_rows: int
+    rows: list[Row]
+
+    def free_rows(self) -> int:
+        """How many more rows may join now."""
+        ...
+
+    def admit(self, specs: Sequence[Row]) -> None:
+        """Prefill new rows, choose their first token, and add them to the running batch."""
+        ...
+
+    def step(self) -> None:
+        """Run one decode step for every running row."""
+        ...
+
+    def reset(self) -> None:
+        """Forget every row (after a failed step)."""
+        ...
+
+
+def model_call_options(model: PreTrainedModel) -> tuple[str, bool]:
+    """The name of the model's cache argument and whether it accepts `logits_to_keep`."""
+    accepted = inspect.signature(model.forward).parameters
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name goes away in 5.40).
+    return ("cache" if "cache" in accepted else "past_key_values"), "logits_to_keep" in accepted
 
 
 class BatchDecoder:
@@ -199,11 +250,8 @@ class BatchDecoder:
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self._next = torch.zeros((0,), dtype=torch.long, device=self.device)
         self._positions = torch.zeros((0,), dtype=torch.long, device=self.device)
-        accepted = inspect.signature(model.forward).parameters
         # Computing logits for the last position only saves a [B, L, V] tensor at prefill.
-        self._logits_to_keep = "logits_to_keep" in accepted
-        # transformers 5.x renamed `past_key_values` to `cache` (the old name goes away in 5.40).
-        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        self._cache_arg, self._logits_to_keep = model_call_options(model)
 
     def free_rows(self) -> int:
         """How many more rows may join now (0 while rows run in a cache that cannot be merged)."""
@@ -230,9 +278,8 @@ class BatchDecoder:
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, positions, cache)
         tokens, log_probs = choose_tokens(logits, rows)
-        for row, token, log_prob in zip(rows, tokens, log_probs, strict=True):
-            row.accept(token, log_prob)
-        self._merge(rows, cache, mask, torch.tensor(tokens, device=self.device), positions[:, -1] + 1)
+        accept_tokens(rows, tokens, log_probs)
+        self._merge(rows, cache, mask, tokens, positions[:, -1] + 1)
         self._drop_finished()
 
     def step(self) -> None:
@@ -243,9 +290,8 @@ class BatchDecoder:
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
         logits = self._forward(self._next.unsqueeze(1), self._mask, self._positions.unsqueeze(1), self._cache)
         tokens, log_probs = choose_tokens(logits, self.rows)
-        for row, token, log_prob in zip(self.rows, tokens, log_probs, strict=True):
-            row.accept(token, log_prob)
-        self._next = torch.tensor(tokens, device=self.device)
+        accept_tokens(self.rows, tokens, log_probs)
+        self._next = tokens
         self._positions = self._positions + 1
         self._drop_finished()
 
@@ -338,10 +384,17 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return F.pad(tensor, pads)
 
 
-def generate(model: PreTrainedModel, specs: Iterable[RowSpec], max_rows: int = 16) -> list[Row]:
-    """Generate every row to its end in one batch and return them (the loop without a scheduler)."""
+def generate(
+    model: PreTrainedModel, specs: Iterable[RowSpec], max_rows: int = 16, decoder: Decoder | None = None
+) -> list[Row]:
+    """Generate every row to its end in one batch and return them (the loop without a scheduler).
+
+    `decoder` defaults to a `BatchDecoder` for `model`; pass another one (with room for every row) to
+    run the same rows through it.
+    """
     rows = [Row(spec, model.device) for spec in specs]
-    decoder = BatchDecoder(model, max_rows=max(max_rows, len(rows)))
+    if decoder is None:
+        decoder = BatchDecoder(model, max_rows=max(max_rows, len(rows)))
     with torch.inference_mode():
         decoder.admit(rows)
         while decoder.rows:
@@ -375,9 +428,9 @@ class Job:
 
 
 class Scheduler:
-    """One thread that runs a `BatchDecoder` for queued jobs and reports their progress after every step."""
+    """One thread that runs a `Decoder` for queued jobs and reports their progress after every step."""
 
-    def __init__(self, decoder: BatchDecoder, name: str = "pilotfleet-decoder") -> None:
+    def __init__(self, decoder: Decoder, name: str = "pilotfleet-decoder") -> None:
         """Prepare (not start) the scheduler; call `start()`."""
         self.decoder = decoder
         self._pending: list[Job] = []

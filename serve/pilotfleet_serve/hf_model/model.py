@@ -21,7 +21,8 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoModelForCausalLM
 
 from pilotfleet_serve.ft import pack_outputs, rows_from_inputs
-from pilotfleet_serve.generation import BatchDecoder, Finish, Job, Row, Scheduler
+from pilotfleet_serve.generation import Finish, Job, Row, Scheduler
+from pilotfleet_serve.static_decode import make_decoder
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -70,12 +71,15 @@ class TritonPythonModel:
         model.eval()
         self.max_seq_len = int(params.get("max_seq_len") or model.config.max_position_embeddings)
         self.end_id = _default_end_id(model)
-        self.scheduler = Scheduler(
-            BatchDecoder(model, max_rows=int(params.get("max_batch_rows") or 16)), name=f"decode-{self.name}"
+        # The static-cache decoder (CUDA graphs on a GPU) where the model allows, else the dynamic one.
+        decoder = make_decoder(
+            model, max_rows=int(params.get("max_batch_rows") or 16), max_len=self.max_seq_len
         )
+        self.scheduler = Scheduler(decoder, name=f"decode-{self.name}")
         self.scheduler.start()
         pb_utils.Logger.log_info(
-            f"{self.name}: {type(model).__name__} from {params['model_dir']} on {device} ({dtype}), "
+            f"{self.name}: {type(model).__name__} from {params['model_dir']} on {device} ({dtype}, "
+            f"{type(decoder).__name__}), "
             f"{'streaming' if self.decoupled else 'unary'}, {torch.get_num_threads()} torch threads, "
             f"pid {os.getpid()}"
         )
