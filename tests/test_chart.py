@@ -379,6 +379,23 @@ def test_proxy_token_comes_from_a_secret(chart_helm: chart.Helm) -> None:
     assert 'api_key=os.environ["PILOTFLEET_TOKEN"]' in out
 
 
+def test_proxy_behind_ingress_knows_its_public_url(chart_helm: chart.Helm) -> None:
+    args = ["--set", "proxy.ingress.enabled=true", "--set", "proxy.ingress.host=copilot.acme.test"]
+    tls = ["--set", "proxy.ingress.tls.enabled=true"]
+
+    def proxy_env(*values: str) -> dict[str, Any]:
+        proxy = one(render(chart_helm, *args, *values), "Deployment", "proxy")
+        return env_of(proxy["spec"]["template"]["spec"]["containers"][0])
+
+    # The Copilot token sends editors back to the URL they signed in at, scheme included.
+    assert proxy_env()["PILOTFLEET_PROXY_PUBLIC_URL"] == "http://copilot.acme.test"
+    assert proxy_env(*tls)["PILOTFLEET_PROXY_PUBLIC_URL"] == "https://copilot.acme.test"
+    out = chart_helm.check(
+        ["install", "pilotfleet", CHART, "--namespace", "fleet", "--dry-run=client", *args, *tls]
+    )
+    assert "GITHUB_SERVER_URL=https://copilot.acme.test GITHUB_API_URL=https://copilot.acme.test" in out
+
+
 def test_chart_crd_is_the_generated_crd() -> None:
     chart_crds = sorted((CHART / "crds").glob("*.yaml"))
     assert chart_crds, (
@@ -515,6 +532,10 @@ def test_operator_service_account_has_least_privilege(
             ("patch", "configmaps", chart_release.namespace, "", ""),
             ("list", "nodes", "", "", ""),
             ("create", "events", model_ns, "", ""),
+            # Each fetch Job's own identity (ServiceAccount + Role + RoleBinding, built per model).
+            ("create", "serviceaccounts", model_ns, "", ""),
+            ("patch", "roles", model_ns, "rbac.authorization.k8s.io", ""),
+            ("create", "rolebindings", model_ns, "rbac.authorization.k8s.io", ""),
         ]
         denied = [
             ("get", "secrets", model_ns, "", ""),

@@ -51,6 +51,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
     app = FastAPI(title="pilotfleet proxy", lifespan=lifespan)
     app.state.pilotfleet = state
     install_error_handlers(app)
+    app.add_middleware(copilot.GitHubRequestIdMiddleware)
     for module in (completions, models, copilot, health):
         app.include_router(module.router)
     return app

@@ -134,8 +134,23 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class ModelCapabilities(BaseModel):
+    """What a Copilot client reads from a model card: completion models are offered for ghost text."""
+
+    type: Literal["completion"] = "completion"
+    family: str
+    # The tokenizer the client counts prompt tokens with for its prompt budget; it knows only its own
+    # (cl100k_base, o200k_base). The proxy re-tokenizes with the model's own tokenizer and trims to fit.
+    tokenizer: Literal["cl100k_base"] = "cl100k_base"
+    object: Literal["model_capabilities"] = "model_capabilities"
+
+
 class ModelCard(BaseModel):
-    """One entry of GET /v1/models."""
+    """One entry of GET /v1/models (OpenAI) and GET /models (Copilot's model list, same shape).
+
+    Copilot clients use the first completion model of the list as their default engine and offer the
+    others in their model picker, so a signed-in editor needs no engine setting.
+    """
 
     id: str
     object: Literal["model"] = "model"
@@ -143,6 +158,10 @@ class ModelCard(BaseModel):
     owned_by: str = "pilotfleet"
     aliases: list[str] = Field(default_factory=list)
     context_length: int
+    name: str
+    version: str
+    model_picker_enabled: bool = True
+    capabilities: ModelCapabilities
 
 
 class ModelList(BaseModel):
@@ -160,6 +179,34 @@ class CopilotToken(BaseModel):
     token: str
     expires_at: int
     refresh_in: int
+    # Base URLs the client uses after sign-in, by role (`api`, `proxy`, `telemetry`, `origin-tracker`).
+    endpoints: dict[str, str] | None = None
+
+
+class CopilotUser(BaseModel):
+    """GET /copilot_internal/user: the signed-in user's plan, as Copilot clients read it."""
+
+    login: str
+    copilot_plan: Literal["business"] = "business"
+    chat_enabled: bool = False
+    endpoints: dict[str, str]
+
+
+class ExperimentAssignment(BaseModel):
+    """One named set of experiment parameters."""
+
+    Id: str
+    Parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class ExperimentConfig(BaseModel):
+    """GET {telemetry}/telemetry: Copilot's experiment (A/B flag) config; empty means every default."""
+
+    Features: list[str] = Field(default_factory=list)
+    Flights: dict[str, str] = Field(default_factory=dict)
+    Configs: list[ExperimentAssignment] = Field(default_factory=lambda: [ExperimentAssignment(Id="vscode")])
+    ParameterGroups: list[dict[str, Any]] = Field(default_factory=list)
+    AssignmentContext: str = ""
 
 
 def dump(model: BaseModel, **kwargs: Any) -> bytes:

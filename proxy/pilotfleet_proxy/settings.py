@@ -43,3 +43,11 @@ class ProxySettings(BaseSettings):
     token_ttl_s: int = Field(
         default=1800, ge=60, description="Lifetime of tokens issued by the token exchange."
     )
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/?#]+(/[^?#]*)?$",
+        description=(
+            "The URL editors reach the proxy at (e.g. the Ingress's https URL), put in the Copilot token's "
+            "`endpoints`; unset, it is taken from each token request (its Host header and scheme)."
+        ),
+    )

@@ -153,11 +153,12 @@ def settings_block(proxy_url: str, engine: str) -> str:
         VS Code (settings.json):
         {textwrap.indent(json.dumps(vscode, indent=2), " " * 8).lstrip()}
 
-        Copilot language server (copilot.vim, copilot.lua, ...), environment:
+        Copilot language server (copilot.vim, copilot.lua, ...), environment: signing in at this proxy
+        instead of GitHub is all it needs (it then completes here, with the first model of /models):
+          CODESPACES=true GITHUB_TOKEN=local GITHUB_SERVER_URL={localhost} GITHUB_API_URL={localhost}
+          # optional, to pick the model (a name or alias) yourself:
           GH_COPILOT_OVERRIDE_PROXY_URL={proxy_url}
           GH_COPILOT_OVERRIDE_ENGINE={engine}
-          # headless sign-in against this proxy instead of GitHub:
-          CODESPACES=true GITHUB_TOKEN=local GITHUB_SERVER_URL={localhost} GITHUB_API_URL={localhost}
 
         OpenAI Python client:
           from openai import OpenAI
