@@ -7,4 +7,5 @@ pytest_plugins: list[str] = [
     "pilotfleet_testbed.pytest_proxy",
     "pilotfleet_testbed.pytest_clients",
     "pilotfleet_testbed.pytest_chart",
+    "pilotfleet_testbed.pytest_jobs",
 ]

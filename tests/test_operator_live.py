@@ -1,7 +1,8 @@
 """The operator against the testbed's real API server, controllers, scheduler and KWOK GPU nodes.
 
-The weights fetch Job is completed by KWOK (its pods move to Succeeded): `pilotfleet fetch` is another
-issue, so these tests check that the operator creates the Job, waits for it and reflects its result.
+Here the weights fetch Job is completed by KWOK (its pods move to Succeeded), so these tests check that
+the operator creates the Job, waits for it and reflects its result; tests/test_fetch_job_e2e.py runs the
+real `pilotfleet fetch` in that Job, end to end.
 Storage is a static PersistentVolume per claim, pre-bound the way a cluster admin would provide it.
 """
 
@@ -268,7 +269,6 @@ def test_examples_become_ready_on_matching_gpus(
         uid = model["metadata"]["uid"]
         children = [
             kube.get(PVCS, k8s_namespace, naming.pvc_name(name)),
-            kube.get(CONFIGMAPS, k8s_namespace, naming.triton_config_name(name)),
             kube.get(DEPLOYMENTS, k8s_namespace, naming.triton_name(name)),
             kube.get(SERVICES, k8s_namespace, naming.triton_name(name)),
             *kube.list(JOBS, k8s_namespace, naming.children_selector(name)),
@@ -276,7 +276,7 @@ def test_examples_become_ready_on_matching_gpus(
         assert all(child is not None for child in children), name
         for child in children:
             assert child is not None and child["metadata"]["ownerReferences"][0]["uid"] == uid
-        assert len(children) == 5, f"{name}: exactly one fetch Job"
+        assert len(children) == 4, f"{name}: exactly one fetch Job"
         # The Triton pod runs on a node whose GPUs satisfy the rules of the model's backend image.
         low, high = CapabilityRange.parse(
             settings.fastertransformer_compute_capability
@@ -360,7 +360,7 @@ def test_spec_change_rolls_restart_converges_delete_keeps_pvc(
     operator.wait_for(lambda: ready_at(1), "the model to be Ready")
     deployment = kube.get(DEPLOYMENTS, k8s_namespace, naming.triton_name(name))
     assert deployment is not None
-    old_hash = deployment["spec"]["template"]["metadata"]["annotations"][naming.ANNOTATION_CONFIG_HASH]
+    old_hash = deployment["spec"]["template"]["metadata"]["annotations"][naming.ANNOTATION_WEIGHTS_HASH]
     old_pod = _pods_of(kube, k8s_namespace, name)[0]["metadata"]["name"]
 
     # A spec change reaches the running Deployment as a rolling update to a new pod template.
@@ -373,7 +373,7 @@ def test_spec_change_rolls_restart_converges_delete_keeps_pvc(
         status = dep.get("status") or {}
         pods = [p["metadata"]["name"] for p in _pods_of(kube, k8s_namespace, name)]
         return bool(
-            annotations[naming.ANNOTATION_CONFIG_HASH] != old_hash
+            annotations[naming.ANNOTATION_WEIGHTS_HASH] != old_hash
             and status.get("updatedReplicas") == 1
             and status.get("readyReplicas") == 1
             and status.get("replicas") == 1
@@ -381,8 +381,10 @@ def test_spec_change_rolls_restart_converges_delete_keeps_pvc(
         )
 
     operator.wait_for(rolled, "the rolling update to replace the pod", timeout=60)
-    configmap = kube.get(CONFIGMAPS, k8s_namespace, naming.triton_config_name(name)) or {}
-    assert 'key: "max_seq_len"\n  value: { string_value: "4096" }' in configmap["data"]["model.config.pbtxt"]
+    # max_seq_len goes into config.pbtxt through the fetch job, the repository's only writer.
+    jobs = kube.list(JOBS, k8s_namespace, naming.children_selector(name))
+    args = [j["spec"]["template"]["spec"]["containers"][0]["args"] for j in jobs]
+    assert [a[a.index("--max-seq-len") + 1] for a in args] == ["4096"]
 
     # Restart mid-reconcile: a change lands, the operator stops before it converges, a new one finishes.
     kube.merge_patch(MODELS, k8s_namespace, name, {"spec": {"gpus": {"count": 2}}})

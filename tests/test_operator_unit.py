@@ -89,6 +89,7 @@ def test_crd_schema_is_structural_with_defaults_and_rules() -> None:
         "GPUs",
         "Ready",
         "Phase",
+        "Fetched",
         "Age",
     ]
     assert version["subresources"] == {"status": {}}
@@ -203,9 +204,9 @@ def test_children_carry_labels_and_owner_reference() -> None:
     children = [
         builders.pvc_for_model(model, settings),
         builders.fetch_job_for_model(model, settings),
-        builders.triton_configmap_for_model(model, settings),
         builders.deployment_for_model(model, settings),
         builders.service_for_model(model, settings),
+        *builders.fetch_rbac_for_model(model, settings),
     ]
     for child in children:
         meta = child["metadata"]
@@ -223,7 +224,7 @@ def test_children_carry_labels_and_owner_reference() -> None:
             }
         ]
     # Deterministic: the same input gives the same output.
-    assert builders.deployment_for_model(model, settings) == children[3]
+    assert builders.deployment_for_model(model, settings) == children[2]
 
 
 def test_deployment_for_model() -> None:
@@ -253,67 +254,101 @@ def test_deployment_for_model() -> None:
         "claimName": "codegen-6b-multi-weights",
         "readOnly": True,
     }
-    paths = {item["path"] for item in volumes["repository"]["configMap"]["items"]}
-    assert paths == {
-        "fastertransformer/config.pbtxt",
-        "fastertransformer/1/README",
-        "tokenizer/config.pbtxt",
-        "tokenizer/1/model.py",
-    }
+    assert set(volumes) == {"weights", "shm"}
+    # Triton serves the repository the fetch job published for exactly these weights and options.
+    assert f"--model-repository=/weights/{builders.weights_hash(model)}" in container["args"]
+    assert {"name": "weights", "mountPath": "/weights", "readOnly": True} in container["volumeMounts"]
 
 
 def test_spec_changes_roll_the_pods() -> None:
     model = load_example("codegen-350m-mono.yaml")
     settings = Settings()
-    before = builders.deployment_for_model(model, settings)["spec"]["template"]["metadata"]["annotations"]
+    before = builders.deployment_for_model(model, settings)["spec"]["template"]
     longer = with_spec(model, limits={"contextLength": 4096, "maxTokensLimit": 2048})
-    after = builders.deployment_for_model(longer, settings)["spec"]["template"]["metadata"]["annotations"]
-    assert after[naming.ANNOTATION_CONFIG_HASH] != before[naming.ANNOTATION_CONFIG_HASH]
-    assert after[naming.ANNOTATION_WEIGHTS_HASH] == before[naming.ANNOTATION_WEIGHTS_HASH]
+    after = builders.deployment_for_model(longer, settings)["spec"]["template"]
+    # max_seq_len lives in the fetched config.pbtxt: a new repository folder, so new pods.
+    assert after["metadata"]["annotations"] != before["metadata"]["annotations"]
+    assert after["spec"]["containers"][0]["args"] != before["spec"]["containers"][0]["args"]
+    # Replica count is not part of the repository.
+    more = with_spec(model, replicas={"min": 2, "max": 2})
+    assert builders.weights_hash(more) == builders.weights_hash(model)
 
 
-def test_ft_config_pbtxt() -> None:
-    model = load_example("codegen-16b-multi.yaml")
-    text = builders.triton_config_for_model(model, Settings())
-    digest = builders.weights_hash(model)
-    assert text.startswith('name: "fastertransformer"\nbackend: "fastertransformer"\nmax_batch_size: 1024\n')
-    for key, value in {
-        "tensor_para_size": "4",
-        "head_num": "24",
-        "size_per_head": "256",
-        "inter_size": str(4 * 24 * 256),
-        "decoder_layers": "34",
-        "rotary_embedding": "64",
-        "max_seq_len": "2048",
-        "end_id": "50256",
-        "model_type": "GPT-J",
-        "model_checkpoint_path": f"/weights/{digest}/4-gpu",
-    }.items():
-        assert f'  key: "{key}"\n  value: {{ string_value: "{value}" }}' in text, key
-    assert (
-        'name: "stop_words_list"\n    data_type: TYPE_INT32\n    dims: [ 2, -1 ]\n    optional: true' in text
+def test_fetch_job_runs_the_fetch_command_line() -> None:
+    """The Job's command line is exactly `pilotfleet fetch`'s (parsed by its own parser), one contract."""
+    import argparse
+
+    from pilotfleet_fetch.cli import add_arguments
+
+    model = load_example("codegen-6b-multi.yaml")
+    model = with_spec(
+        model,
+        weights={
+            **model.spec.weights.model_dump(by_alias=True, exclude_none=True),
+            "credentialsSecret": "hf",
+        },
     )
-    assert 'name: "output_ids"\n    data_type: TYPE_UINT32' in text
+    settings = Settings(
+        fetch_node_selector={"pool": "cpu"},
+        fetch_tolerations=[{"key": "pool", "operator": "Exists", "effect": "NoSchedule"}],
+    )
+    job = builders.fetch_job_for_model(model, settings)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["pilotfleet"] and container["args"][0] == "fetch"
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(parser)
+    args = parser.parse_args(container["args"][1:])
+    assert args.source == model.spec.weights.url
+    assert args.tokenizer == model.spec.weights.tokenizer
+    assert (args.backend, args.tp, args.model_name) == ("fastertransformer", 2, "fastertransformer")
+    assert args.max_seq_len == model.spec.limits.context_length
+    assert args.tokenizer_model == builders.TOKENIZER_MODEL
+    assert str(args.dest) == builders.weights_dir(model)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PILOTFLEET_FETCH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert env["PILOTFLEET_MODEL_NAME"]["value"] == model.name
+    assert env["PILOTFLEET_MODEL_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["PILOTFLEET_TERMINATION_LOG"]["value"] == container["terminationMessagePath"]
+    assert pod["serviceAccountName"] == naming.fetch_service_account_name(model.name)
+    assert pod["nodeSelector"] == {"pool": "cpu"}
+    assert pod["tolerations"] == [{"key": "pool", "operator": "Exists", "effect": "NoSchedule"}]
+    # Permanent failures fail the Job at once; Stalled (16) and Unreachable (18) are retried.
+    fail_job = job["spec"]["podFailurePolicy"]["rules"][0]
+    assert fail_job["action"] == "FailJob"
+    assert fail_job["onExitCodes"]["values"] == [2, 10, 11, 12, 13, 14, 15, 17]
+    # The Job's identity may patch only its own model's status.
+    sa, role, binding = builders.fetch_rbac_for_model(model, settings)
+    assert role["rules"] == [
+        {
+            "apiGroups": ["pilotfleet.dev"],
+            "resources": ["codecompletionmodels/status"],
+            "verbs": ["patch"],
+            "resourceNames": [model.name],
+        }
+    ]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "team-a"}
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
-def test_python_backend_repository() -> None:
+def test_fetch_job_for_a_hugging_face_model() -> None:
     model = load_example("tiny-starcoder-python.yaml")
-    settings = Settings(python_model_module="my_models.hf")
-    configmap = builders.triton_configmap_for_model(model, settings)
-    data = configmap["data"]
-    assert data["model.model.py"] == "from my_models.hf import TritonPythonModel  # noqa: F401\n"
-    assert 'backend: "python"' in data["model.config.pbtxt"]
-    assert f'string_value: "/weights/{builders.weights_hash(model)}/hf"' in data["model.config.pbtxt"]
-    compile(data["tokenizer.model.py"], "tokenizer/1/model.py", "exec")
+    args = builders.fetch_job_for_model(model, Settings())["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
+    assert args[args.index("--source") + 1] == "hf://bigcode/tiny_starcoder_py"
+    assert args[args.index("--revision") + 1] == "main"
+    assert args[args.index("--model-name") + 1] == "huggingface"
+    assert args[args.index("--dtype") + 1] == "float16"
+    assert "--tp" not in args
 
 
 def test_fetch_job_follows_the_weight_source() -> None:
     model = load_example("codegen-350m-mono.yaml")
     settings = Settings()
     job = builders.fetch_job_for_model(model, settings)
-    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert f"--url={model.spec.weights.url}" in args
-    assert f"--dest=/weights/{builders.weights_hash(model)}" in args
     moved = with_spec(model, weights={"url": "https://example.com/other.tar.zst"})
     assert builders.fetch_job_for_model(moved, settings)["metadata"]["name"] != job["metadata"]["name"]
     # For FT the shard count is part of the weights' identity.
@@ -404,24 +439,53 @@ def test_status_no_suitable_gpu() -> None:
 def test_status_fetch_failed() -> None:
     status = compute_status(
         CodeCompletionModelStatus(),
-        _observed(weights=WeightsState.FAILED, weights_message="fetch job x failed: BackoffLimitExceeded"),
+        _observed(
+            weights=WeightsState.FAILED,
+            weights_reason="ChecksumMismatch",
+            weights_message="fetch job x failed: sha256 differs",
+        ),
         "2026-01-01T00:00:00Z",
     )
     assert status.phase is Phase.FAILED
     weights = next(c for c in status.conditions if c.type is ConditionType.WEIGHTS_READY)
-    assert (weights.status, weights.reason) == (ConditionStatus.FALSE, "FetchFailed")
+    assert (weights.status, weights.reason) == (ConditionStatus.FALSE, "ChecksumMismatch")
+    ready = next(c for c in status.conditions if c.type is ConditionType.READY)
+    assert ready.status is ConditionStatus.FALSE
+    warnings = [t for t in transitions(CodeCompletionModelStatus(), status) if t.event_type == "Warning"]
+    assert {t.reason for t in warnings} == {"ChecksumMismatch"}
+
+
+def _failed_pod(exit_code: int, message: str, finished: str) -> dict[str, Any]:
+    terminated = {"exitCode": exit_code, "message": message, "finishedAt": finished}
+    return {"status": {"containerStatuses": [{"name": "fetch", "state": {"terminated": terminated}}]}}
 
 
 def test_weights_state_follows_the_job() -> None:
     job: dict[str, Any] = {"metadata": {"name": "m-fetch-abc"}, "status": {"active": 1}}
     assert weights_state(None)[0] is WeightsState.NOT_STARTED
-    assert weights_state(job) == (WeightsState.FETCHING, "fetch job m-fetch-abc is running")
+    assert weights_state(job) == (WeightsState.FETCHING, "Fetching", "fetch job m-fetch-abc is running")
     job["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}
     assert weights_state(job)[0] is WeightsState.READY
     job["status"] = {
         "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "x"}]
     }
-    assert weights_state(job) == (WeightsState.FAILED, "fetch job m-fetch-abc failed: x")
+    assert weights_state(job) == (WeightsState.FAILED, "FetchFailed", "fetch job m-fetch-abc failed: x")
+    # The fetch job's own reason, from the termination message of its last failed attempt.
+    pods = [
+        _failed_pod(18, '{"reason": "Unreachable", "message": "connection refused"}', "2026-01-01T00:00:01Z"),
+        _failed_pod(12, '{"reason": "ChecksumMismatch", "message": "sha256 is 00"}', "2026-01-01T00:00:09Z"),
+    ]
+    assert weights_state(job, pods) == (
+        WeightsState.FAILED,
+        "ChecksumMismatch",
+        "fetch job m-fetch-abc failed: sha256 is 00",
+    )
+    # A crash with no reason written: the end of its log (FallbackToLogsOnError) and the exit code.
+    crashed = [_failed_pod(1, "Traceback (most recent call last):\nMemoryError", "2026-01-01T00:00:01Z")]
+    assert weights_state(job, crashed)[1:] == (
+        "FetchFailed",
+        "fetch job m-fetch-abc failed: exit code 1: MemoryError",
+    )
 
 
 def test_pod_scheduling_reports_the_schedulers_message() -> None:

@@ -19,6 +19,7 @@ from pilotfleet_fetch.sources import Credentials
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 def _sha256(value: str) -> str:
@@ -46,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve-path", type=Path, help="where Triton sees --dest (default: --dest)")
     parser.add_argument("--max-seq-len", type=_positive, default=2048)
     parser.add_argument("--decoupled", action="store_true", help="write a decoupled (streaming) model")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="torch dtype of the python backend's model"
+    )
+    parser.add_argument(
+        "--tokenizer-model",
+        help="also write a Triton model of this name serving tokenizer.json (routes' triton://NAME)",
+    )
     parser.add_argument(
         "--tokenizer", help="URL or hf://owner/repo of tokenizer files to place beside the model"
     )
@@ -92,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
             serve_path=args.serve_path or dest,
             max_seq_len=args.max_seq_len,
             decoupled=args.decoupled,
+            dtype=args.dtype,
+            tokenizer_model=args.tokenizer_model,
         ),
         tokenizer=args.tokenizer,
         tokenizer_sha256=args.tokenizer_sha256,

@@ -84,6 +84,9 @@ class Unreachable(FetchError):
     permanent = False
 
 
+# argparse's exit status for a bad command line: as permanent as any failure above.
+USAGE_EXIT_CODE = 2
+
 ALL_ERRORS: tuple[type[FetchError], ...] = (
     NotFound,
     Unauthorized,

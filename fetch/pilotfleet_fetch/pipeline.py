@@ -10,7 +10,7 @@ from typing import Any
 
 from pilotfleet_fetch import archive
 from pilotfleet_fetch.download import Downloaded, DownloadSettings, download, ensure_space
-from pilotfleet_fetch.errors import FetchError
+from pilotfleet_fetch.errors import BadCheckpoint, FetchError
 from pilotfleet_fetch.progress import Progress
 from pilotfleet_fetch.publish import build_manifest, publish, reusable, staging_dir
 from pilotfleet_fetch.repository import (
@@ -19,6 +19,7 @@ from pilotfleet_fetch.repository import (
     place_tokenizer,
     write_ft_repository,
     write_hf_repository,
+    write_tokenizer_model,
 )
 from pilotfleet_fetch.sources import Credentials, ResolvedSource, canonical, resolve
 from pilotfleet_fetch.verify import verify_ft, verify_hf
@@ -54,6 +55,8 @@ class FetchRequest:
             "serve_path": str(spec.serve_path),
             "max_seq_len": spec.max_seq_len,
             "decoupled": spec.decoupled,
+            "dtype": spec.dtype,
+            "tokenizer_model": spec.tokenizer_model,
             "tokenizer": canonical(self.tokenizer) if self.tokenizer else None,
             "tokenizer_sha256": self.tokenizer_sha256,
         }
@@ -108,6 +111,19 @@ def _tokenizer_files(
     return [d.path for d in got]
 
 
+def _write_tokenizer_model(repo: Path, tokenizer_dir: Path | None, spec: RepositorySpec) -> None:
+    """Add the Triton model that serves tokenizer.json, when asked for; without the file that is an error."""
+    if spec.tokenizer_model is None:
+        return
+    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").is_file():
+        raise BadCheckpoint(
+            f"no tokenizer.json in the weights for Triton model {spec.tokenizer_model!r}; "
+            "name the tokenizer files with --tokenizer"
+        )
+    served = spec.serve_path / tokenizer_dir.relative_to(repo) / "tokenizer.json"
+    write_tokenizer_model(repo, spec.tokenizer_model, served)
+
+
 def run_fetch(
     req: FetchRequest, creds: Credentials, settings: DownloadSettings, progress: Progress
 ) -> FetchResult:
@@ -144,6 +160,7 @@ def run_fetch(
         # Tokenizer files are copied first: the checkpoint (which may hold them) moves next.
         tokenizer_dir = place_tokenizer(tokenizer, repo / req.repository.model_name)
         extra["tokenizer"] = str(tokenizer_dir.relative_to(repo)) if tokenizer_dir else None
+        _write_tokenizer_model(repo, tokenizer_dir, req.repository)
         if req.backend == "fastertransformer":
             write_ft_repository(repo, ckpt, req.repository)
         else:

@@ -43,6 +43,13 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def progress_text(snap: Snapshot) -> str:
+    """A summary for `kubectl get ccm`: the percentage, or the bytes so far when the total is unknown."""
+    if snap.total:
+        return f"{min(100 * snap.done // snap.total, 100)}%"
+    return _human(snap.done)
+
+
 class LogReporter:
     """Progress as log lines (always on: `kubectl logs` of the fetch job shows them)."""
 
@@ -93,19 +100,22 @@ class KubeStatusReporter:
                     "bytesTotal": snap.total,
                     "bytesPerSecond": round(snap.bytes_per_second, 1),
                     "etaSeconds": None if snap.eta_seconds is None else round(snap.eta_seconds, 1),
+                    "progress": progress_text(snap),
                 }
             }
         }
         try:
-            self._api.call_api(
-                self._path,
-                "PATCH",
+            method, url, headers, data, _ = self._api.param_serialize(
+                method="PATCH",
+                resource_path=self._path,
                 header_params={"Content-Type": "application/merge-patch+json", "Accept": "application/json"},
                 body=body,
                 auth_settings=["BearerToken"],
-                _preload_content=False,
-                _request_timeout=5,
             )
+            response = self._api.call_api(method, url, header_params=headers, body=data, _request_timeout=5)
+            answer = response.read()
+            if not 200 <= response.status < 300:
+                log.warning("could not patch %s: HTTP %d %s", self._path, response.status, answer[:300])
         except Exception as exc:  # status is a courtesy: any failure is logged, the download goes on
             log.warning("could not patch %s: %s", self._path, exc)
 

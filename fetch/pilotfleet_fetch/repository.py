@@ -4,6 +4,9 @@ FT: `<name>/config.pbtxt` rendered from the checkpoint's config.ini and the spec
 `<name>/1/<tp>-gpu/` (FauxPilot's layout; `model_checkpoint_path` points there as Triton will see it).
 Hugging Face: pilotfleet's Python-backend model (`pilotfleet_serve.repository`), weights in `<name>/1/hf/`.
 Tokenizer files go to `<name>/1/tokenizer/`, inside the version folder where Triton never looks for models.
+With `RepositorySpec.tokenizer_model`, a tiny Python-backend model of that name serves `tokenizer.json` to
+the proxy (routes with `tokenizer: triton://<name>`), so the published folder is the whole Triton model
+repository and this module is its only writer.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from pilotfleet_fetch.verify import FtCheckpoint
@@ -40,6 +44,10 @@ class RepositorySpec:
     max_seq_len: int = 2048
     max_batch_size: int = 1024
     decoupled: bool = False
+    dtype: str = "auto"
+    """Torch dtype of the Python backend (`auto`, `float16`, `bfloat16`, `float32`)."""
+    tokenizer_model: str | None = None
+    """Name of the Triton model that serves tokenizer.json to the proxy; none when unset."""
 
 
 def _param(key: str, value: object) -> str:
@@ -149,7 +157,36 @@ def write_hf_repository(repo: Path, checkpoint: Path, spec: RepositorySpec) -> P
             model_dir=serve_dir,
             decoupled=spec.decoupled,
             max_seq_len=spec.max_seq_len,
+            dtype=spec.dtype,
             gpu=spec.tp > 0,
         ),
     )
     return model_dir
+
+
+def tokenizer_model_config(name: str, tokenizer_json: Path) -> str:
+    """config.pbtxt of the tokenizer model: no required input, output `tokenizer_json` (BYTES [1])."""
+    return (
+        "\n".join(
+            [
+                f'name: "{name}"',
+                'backend: "python"',
+                "max_batch_size: 0",
+                'input [ { name: "request" data_type: TYPE_BOOL dims: [ 1 ] optional: true } ]',
+                'output [ { name: "tokenizer_json" data_type: TYPE_STRING dims: [ 1 ] } ]',
+                "instance_group [ { count: 1 kind: KIND_CPU } ]",
+                _param("tokenizer_path", tokenizer_json),
+            ]
+        )
+        + "\n"
+    )
+
+
+def write_tokenizer_model(repo: Path, name: str, tokenizer_json: Path) -> Path:
+    """Write `<repo>/<name>/` serving the file `tokenizer_json` (the path as Triton sees it); return it."""
+    folder = repo / name
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(tokenizer_model_config(name, tokenizer_json))
+    source = resources.files("pilotfleet_fetch").joinpath("tokenizer_model.py")
+    (folder / "1" / "model.py").write_text(source.read_text())
+    return folder

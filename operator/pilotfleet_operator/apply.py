@@ -60,6 +60,9 @@ PODS = Resource("v1", "pods")
 NODES = Resource("v1", "nodes", namespaced=False)
 JOBS = Resource("batch/v1", "jobs")
 DEPLOYMENTS = Resource("apps/v1", "deployments")
+SERVICE_ACCOUNTS = Resource("v1", "serviceaccounts")
+ROLES = Resource("rbac.authorization.k8s.io/v1", "roles")
+ROLE_BINDINGS = Resource("rbac.authorization.k8s.io/v1", "rolebindings")
 MODELS = Resource(naming.API_VERSION, naming.PLURAL)
 CRDS = Resource("apiextensions.k8s.io/v1", "customresourcedefinitions", namespaced=False)
 BY_KIND = {
@@ -69,6 +72,9 @@ BY_KIND = {
     ("v1", "Service"): SERVICES,
     ("batch/v1", "Job"): JOBS,
     ("apps/v1", "Deployment"): DEPLOYMENTS,
+    ("v1", "ServiceAccount"): SERVICE_ACCOUNTS,
+    ("rbac.authorization.k8s.io/v1", "Role"): ROLES,
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ROLE_BINDINGS,
 }
 # Children that go away when no longer wanted; the weights PVC is only ever removed with its model.
 PRUNABLE = (JOBS, DEPLOYMENTS, SERVICES, CONFIGMAPS)

@@ -1,16 +1,18 @@
 """Desired state of a model's children, as pure functions of the model and the settings.
 
 No I/O, deterministic output (sorted keys where order is free), full labels and owner references. The
-weights PVC layout is a contract with the fetch job (`pilotfleet fetch`): it publishes a verified copy of
-a weight source into `/weights/<weights-hash>/`, holding `tokenizer.json` and, for FasterTransformer,
-`<N>-gpu/` (the shards for tensor-parallel size N) or, for the Python backend, `hf/` (the Hugging Face
-checkpoint).
+weights PVC is shared with the fetch job (`pilotfleet fetch`, docs/fetch.md): the Job publishes the whole
+Triton model repository for one weights hash into `/weights/<weights-hash>/` (the main model's
+`config.pbtxt`, written from the checkpoint's own config plus the spec values passed on its command line,
+the checkpoint, the tokenizer files, and the `tokenizer` model that serves them to the proxy), and the
+Triton pods serve that folder as their model repository. The fetch job is the only writer of that folder.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pilotfleet_fetch.errors import ALL_ERRORS, USAGE_EXIT_CODE
 from pilotfleet_proxy.routes import RouteTable
 
 from pilotfleet_operator import gpu, naming
@@ -18,7 +20,6 @@ from pilotfleet_operator.models import Backend, CodeCompletionModel
 from pilotfleet_operator.settings import Settings
 
 WEIGHTS_MOUNT = "/weights"
-REPOSITORY_MOUNT = "/models"
 GRPC_PORT = 8001
 HTTP_PORT = 8000
 METRICS_PORT = 8002
@@ -28,55 +29,20 @@ TRITON_MODEL = {Backend.FASTERTRANSFORMER: "fastertransformer", Backend.PYTHON: 
 # Loading a 16B checkpoint takes minutes and Triton answers its health endpoints only once models load.
 STARTUP_PROBE_PERIOD_S = 10
 STARTUP_PROBE_FAILURES = 180
-FT_MAX_BATCH_SIZE = 1024
-
-# FT's tensor interface (docs/architecture.md), without the batch dimension: (name, type, dims, optional).
-INPUTS: tuple[tuple[str, str, str, bool], ...] = (
-    ("input_ids", "TYPE_UINT32", "[ -1 ]", False),
-    ("input_lengths", "TYPE_UINT32", "[ 1 ]", False),
-    ("request_output_len", "TYPE_UINT32", "[ 1 ]", False),
-    ("start_id", "TYPE_UINT32", "[ 1 ]", True),
-    ("end_id", "TYPE_UINT32", "[ 1 ]", True),
-    ("runtime_top_k", "TYPE_UINT32", "[ 1 ]", True),
-    ("runtime_top_p", "TYPE_FP32", "[ 1 ]", True),
-    ("temperature", "TYPE_FP32", "[ 1 ]", True),
-    ("len_penalty", "TYPE_FP32", "[ 1 ]", True),
-    ("repetition_penalty", "TYPE_FP32", "[ 1 ]", True),
-    ("presence_penalty", "TYPE_FP32", "[ 1 ]", True),
-    ("random_seed", "TYPE_UINT64", "[ 1 ]", True),
-    ("is_return_log_probs", "TYPE_BOOL", "[ 1 ]", True),
-    ("beam_width", "TYPE_UINT32", "[ 1 ]", True),
-    ("beam_search_diversity_rate", "TYPE_FP32", "[ 1 ]", True),
-    ("stop_words_list", "TYPE_INT32", "[ 2, -1 ]", True),
-    ("bad_words_list", "TYPE_INT32", "[ 2, -1 ]", True),
-)
-OUTPUTS: tuple[tuple[str, str, str], ...] = (
-    ("output_ids", "TYPE_UINT32", "[ -1, -1 ]"),
-    ("sequence_length", "TYPE_UINT32", "[ 1 ]"),
-    ("output_log_probs", "TYPE_FP32", "[ -1, -1 ]"),
-    ("cum_log_probs", "TYPE_FP32", "[ 1 ]"),
-)
-
-TOKENIZER_MODEL_PY = '''\
-"""Serves the model's tokenizer.json to the pilotfleet proxy (output `tokenizer_json`, BYTES [1])."""
-
-import json
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        params = json.loads(args["model_config"])["parameters"]
-        with open(params["tokenizer_path"]["string_value"], "rb") as handle:
-            self.payload = np.array([handle.read()], dtype=np.object_)
-
-    def execute(self, requests):
-        return [
-            pb_utils.InferenceResponse([pb_utils.Tensor("tokenizer_json", self.payload)]) for _ in requests
-        ]
-'''
+FETCH_CONTAINER = "fetch"
+# Where the fetch job writes its `{"reason", "message"}` on failure, and the kubelet reads it from.
+TERMINATION_LOG = "/dev/termination-log"
+# Exit codes after which another attempt cannot help (bad command line, 404, checksum, ...): the Job
+# fails at once. Stalled and Unreachable are retried up to the Job's backoffLimit.
+PERMANENT_EXIT_CODES = sorted({USAGE_EXIT_CODE, *(e.exit_code for e in ALL_ERRORS if e.permanent)})
+# The one permission of a fetch Job: patch its own model's status.fetch (progress).
+FETCH_RULES = [
+    {
+        "apiGroups": [naming.GROUP],
+        "resources": [f"{naming.PLURAL}/status"],
+        "verbs": ["patch"],
+    }
+]
 
 
 def owner_reference(model: CodeCompletionModel) -> dict[str, Any]:
@@ -100,20 +66,56 @@ def _metadata(model: CodeCompletionModel, name: str, component: str) -> dict[str
     }
 
 
-def weights_hash(model: CodeCompletionModel) -> str:
-    """Identity of the weights a model needs: its source and, for FT, the shard count (TP size)."""
+def weights_source(model: CodeCompletionModel) -> str:
+    """The model's weight source as `pilotfleet fetch --source` takes it: a URL, or `hf://owner/repo`."""
+    weights = model.spec.weights
+    if weights.hugging_face is not None:
+        return f"hf://{weights.hugging_face.repo}"
+    if weights.url is None:  # the CRD's CEL rule makes this unreachable for stored objects
+        raise ValueError("spec.weights needs url or huggingFace")
+    return weights.url
+
+
+def fetch_options(model: CodeCompletionModel) -> list[str]:
+    """The options of `pilotfleet fetch` for the model, all but `--dest`: the spec values the fetch job
+    writes into the Triton repository next to what only it can read (the checkpoint's config)."""
     spec = model.spec
-    identity: dict[str, Any] = {
-        "weights": spec.weights.model_dump(by_alias=True, exclude_none=True, exclude={"credentials_secret"}),
-        "backend": spec.backend.value,
-    }
+    weights = spec.weights
+    options = ["--source", weights_source(model)]
+    if weights.hugging_face is not None:
+        options += ["--revision", weights.hugging_face.revision]
+    if weights.sha256:
+        options += ["--sha256", weights.sha256]
+    if weights.tokenizer:
+        options += ["--tokenizer", weights.tokenizer]
+    options += [
+        "--backend",
+        spec.backend.value,
+        "--model-name",
+        TRITON_MODEL[spec.backend],
+        "--max-seq-len",
+        str(spec.limits.context_length),
+        "--tokenizer-model",
+        TOKENIZER_MODEL,
+    ]
     if spec.backend is Backend.FASTERTRANSFORMER:
-        identity["gpus"] = spec.gpus.count
-    return naming.short_hash(identity)
+        # FT shards are per tensor-parallel size: a new GPU count is a new checkpoint.
+        options += ["--tp", str(spec.gpus.count)]
+    elif spec.python is not None:
+        options += ["--dtype", spec.python.dtype.value]
+    return options
+
+
+def weights_hash(model: CodeCompletionModel) -> str:
+    """Identity of the model's Triton repository: everything the fetch job is asked to do.
+
+    Any change of it is a new folder and a new Job, while the running pods keep reading the old folder.
+    """
+    return naming.short_hash(fetch_options(model))
 
 
 def weights_dir(model: CodeCompletionModel) -> str:
-    """Where the fetch job publishes this model's verified weights inside the Triton pod."""
+    """The model's Triton repository, as the fetch job and the Triton pods see it."""
     return f"{WEIGHTS_MOUNT}/{weights_hash(model)}"
 
 
@@ -134,38 +136,69 @@ def pvc_for_model(model: CodeCompletionModel, settings: Settings) -> dict[str, A
     }
 
 
-def fetch_job_for_model(model: CodeCompletionModel, settings: Settings) -> dict[str, Any]:
-    """The Job that downloads, verifies and publishes the weights into the PVC (`pilotfleet fetch`)."""
-    spec = model.spec
-    digest = weights_hash(model)
-    args = [
-        "fetch",
-        f"--dest={WEIGHTS_MOUNT}/{digest}",
-        f"--backend={spec.backend.value}",
-        f"--gpus={spec.gpus.count}",
-        f"--model={model.namespace}/{model.name}",
+def fetch_rbac_for_model(model: CodeCompletionModel, settings: Settings) -> list[dict[str, Any]]:
+    """The fetch Job's ServiceAccount, and a Role (with its RoleBinding) that lets it patch only the
+    status of its own model, for progress."""
+    name = naming.fetch_service_account_name(model.name)
+    rules = [{**rule, "resourceNames": [model.name]} for rule in FETCH_RULES]
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": _metadata(model, name, naming.COMPONENT_FETCH),
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _metadata(model, name, naming.COMPONENT_FETCH),
+            "rules": rules,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _metadata(model, name, naming.COMPONENT_FETCH),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": model.namespace}],
+        },
     ]
-    weights = spec.weights
-    if weights.url:
-        args.append(f"--url={weights.url}")
-    if weights.hugging_face:
-        args += [f"--hf-repo={weights.hugging_face.repo}", f"--revision={weights.hugging_face.revision}"]
-    if weights.sha256:
-        args.append(f"--sha256={weights.sha256}")
+
+
+def fetch_job_for_model(model: CodeCompletionModel, settings: Settings) -> dict[str, Any]:
+    """The Job that downloads, verifies and publishes the model's Triton repository (`pilotfleet fetch`)."""
+    digest = weights_hash(model)
+    env: list[dict[str, Any]] = [
+        {"name": "PILOTFLEET_MODEL_NAME", "value": model.name},
+        {
+            "name": "PILOTFLEET_MODEL_NAMESPACE",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+        },
+        {"name": "PILOTFLEET_TERMINATION_LOG", "value": TERMINATION_LOG},
+    ]
+    if model.spec.weights.credentials_secret:
+        secret = {"name": model.spec.weights.credentials_secret, "key": "token"}
+        env.append({"name": "PILOTFLEET_FETCH_TOKEN", "valueFrom": {"secretKeyRef": secret}})
     container: dict[str, Any] = {
-        "name": "fetch",
+        "name": FETCH_CONTAINER,
         "image": settings.fetch_image,
         "command": ["pilotfleet"],
-        "args": args,
+        "args": ["fetch", *fetch_options(model), "--dest", f"{WEIGHTS_MOUNT}/{digest}"],
+        "env": sorted(env, key=lambda e: str(e["name"])),
         "volumeMounts": [{"name": "weights", "mountPath": WEIGHTS_MOUNT}],
+        "terminationMessagePath": TERMINATION_LOG,
+        # A crash before the job could write its reason still leaves the end of its log as the message.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if weights.credentials_secret:
-        container["env"] = [
-            {
-                "name": "PILOTFLEET_FETCH_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": weights.credentials_secret, "key": "token"}},
-            }
-        ]
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": naming.fetch_service_account_name(model.name),
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "containers": [container],
+        "volumes": [{"name": "weights", "persistentVolumeClaim": {"claimName": naming.pvc_name(model.name)}}],
+    }
+    if settings.fetch_node_selector:
+        pod_spec["nodeSelector"] = dict(sorted(settings.fetch_node_selector.items()))
+    if settings.fetch_tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in settings.fetch_tolerations]
     metadata = _metadata(model, naming.fetch_job_name(model.name, digest), naming.COMPONENT_FETCH)
     metadata["annotations"] = {naming.ANNOTATION_WEIGHTS_HASH: digest}
     return {
@@ -174,123 +207,25 @@ def fetch_job_for_model(model: CodeCompletionModel, settings: Settings) -> dict[
         "metadata": metadata,
         "spec": {
             "backoffLimit": settings.fetch_backoff_limit,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": FETCH_CONTAINER,
+                            "operator": "In",
+                            "values": PERMANENT_EXIT_CODES,
+                        },
+                    },
+                    # A pod evicted or preempted did nothing wrong: not counted against backoffLimit.
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                ]
+            },
             "template": {
                 "metadata": {"labels": naming.labels(model.name, naming.COMPONENT_FETCH)},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "enableServiceLinks": False,
-                    "containers": [container],
-                    "volumes": [
-                        {
-                            "name": "weights",
-                            "persistentVolumeClaim": {"claimName": naming.pvc_name(model.name)},
-                        }
-                    ],
-                },
+                "spec": pod_spec,
             },
         },
-    }
-
-
-def _pbtxt_parameters(params: dict[str, str]) -> str:
-    return "".join(
-        f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
-        for key, value in params.items()
-    )
-
-
-def _pbtxt_io(
-    inputs: tuple[tuple[str, str, str, bool], ...], outputs: tuple[tuple[str, str, str], ...]
-) -> str:
-    def tensor(name: str, dtype: str, dims: str, optional: bool = False) -> str:
-        flag = "    optional: true\n" if optional else ""
-        return f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: {dims}\n{flag}  }}'
-
-    ins = ",\n".join(tensor(*spec) for spec in inputs)
-    outs = ",\n".join(tensor(*spec) for spec in outputs)
-    return f"input [\n{ins}\n]\noutput [\n{outs}\n]\n"
-
-
-def triton_config_for_model(model: CodeCompletionModel, settings: Settings) -> str:
-    """The `config.pbtxt` of the model's Triton model (FasterTransformer or Python backend)."""
-    spec = model.spec
-    name = TRITON_MODEL[spec.backend]
-    head = f'name: "{name}"\nbackend: "{spec.backend.value}"\nmax_batch_size: {FT_MAX_BATCH_SIZE}\n'
-    if spec.backend is Backend.FASTERTRANSFORMER:
-        ft = spec.faster_transformer
-        if ft is None:  # the CRD's CEL rule makes this unreachable for stored objects
-            raise ValueError("backend fastertransformer needs spec.fasterTransformer")
-        hidden = ft.head_num * ft.size_per_head
-        params = {
-            "tensor_para_size": str(spec.gpus.count),
-            "pipeline_para_size": "1",
-            "data_type": "fp16" if ft.is_half else "fp32",
-            "is_half": "1" if ft.is_half else "0",
-            "max_seq_len": str(spec.limits.context_length),
-            "head_num": str(ft.head_num),
-            "size_per_head": str(ft.size_per_head),
-            "inter_size": str(ft.inter_size or 4 * hidden),
-            "vocab_size": str(ft.vocab_size),
-            "start_id": str(ft.start_id),
-            "end_id": str(spec.limits.end_id),
-            "decoder_layers": str(ft.decoder_layers),
-            "rotary_embedding": str(ft.rotary_embedding),
-            "model_name": spec.engine,
-            "model_type": "GPT-J",
-            "model_checkpoint_path": f"{weights_dir(model)}/{spec.gpus.count}-gpu",
-            "int8_mode": "0",
-            "enable_custom_all_reduce": "0",
-        }
-        # FT spreads one model instance over all of the pod's GPUs itself.
-        instances = "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
-    else:
-        dtype = spec.python.dtype.value if spec.python else "float16"
-        params = {
-            "model_dir": f"{weights_dir(model)}/hf",
-            "dtype": dtype,
-            "end_id": str(spec.limits.end_id),
-            "max_seq_len": str(spec.limits.context_length),
-        }
-        # The model batches inside (rows join between decode steps); Triton hands over what has arrived.
-        instances = "dynamic_batching { }\ninstance_group [\n  {\n    count: 1\n    kind: KIND_GPU\n  }\n]\n"
-    return head + _pbtxt_io(INPUTS, OUTPUTS) + instances + _pbtxt_parameters(params)
-
-
-def tokenizer_config_for_model(model: CodeCompletionModel) -> str:
-    """The `config.pbtxt` of the tiny Python model that serves the model's tokenizer.json to the proxy."""
-    return (
-        f'name: "{TOKENIZER_MODEL}"\nbackend: "python"\nmax_batch_size: 0\n'
-        + _pbtxt_io((("request", "TYPE_BOOL", "[ 1 ]", True),), (("tokenizer_json", "TYPE_STRING", "[ 1 ]"),))
-        + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
-        + _pbtxt_parameters({"tokenizer_path": f"{weights_dir(model)}/tokenizer.json"})
-    )
-
-
-def _repository_files(model: CodeCompletionModel, settings: Settings) -> dict[str, tuple[str, str]]:
-    """The Triton model repository as {configmap key: (path in the repository, content)}."""
-    main = TRITON_MODEL[model.spec.backend]
-    files = {
-        "model.config.pbtxt": (f"{main}/config.pbtxt", triton_config_for_model(model, settings)),
-        "tokenizer.config.pbtxt": (f"{TOKENIZER_MODEL}/config.pbtxt", tokenizer_config_for_model(model)),
-        "tokenizer.model.py": (f"{TOKENIZER_MODEL}/1/model.py", TOKENIZER_MODEL_PY),
-    }
-    if model.spec.backend is Backend.PYTHON:
-        shim = f"from {settings.python_model_module} import TritonPythonModel  # noqa: F401\n"
-        files["model.model.py"] = (f"{main}/1/model.py", shim)
-    else:
-        # Triton loads a model only with a version folder; FT reads its weights from model_checkpoint_path.
-        files["model.version"] = (f"{main}/1/README", f"weights: {weights_dir(model)}\n")
-    return dict(sorted(files.items()))
-
-
-def triton_configmap_for_model(model: CodeCompletionModel, settings: Settings) -> dict[str, Any]:
-    """The ConfigMap holding the Triton model repository (mounted at /models)."""
-    files = _repository_files(model, settings)
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(model, naming.triton_config_name(model.name), naming.COMPONENT_TRITON_CONFIG),
-        "data": {key: content for key, (_, content) in files.items()},
     }
 
 
@@ -317,7 +252,6 @@ def deployment_for_model(model: CodeCompletionModel, settings: Settings) -> dict
     """The Triton Deployment: GPUs, GFD placement, model repository, weights, probes, rolling updates."""
     spec = model.spec
     name = naming.triton_name(model.name)
-    files = _repository_files(model, settings)
     req = gpu.requirement_for(spec, settings)
     pod_spec: dict[str, Any] = {
         "enableServiceLinks": False,
@@ -329,7 +263,7 @@ def deployment_for_model(model: CodeCompletionModel, settings: Settings) -> dict
                 "image": spec.image or settings.image_for(spec.backend),
                 "command": ["tritonserver"],
                 "args": [
-                    f"--model-repository={REPOSITORY_MOUNT}",
+                    f"--model-repository={weights_dir(model)}",
                     f"--grpc-port={GRPC_PORT}",
                     f"--http-port={HTTP_PORT}",
                     f"--metrics-port={METRICS_PORT}",
@@ -345,20 +279,12 @@ def deployment_for_model(model: CodeCompletionModel, settings: Settings) -> dict
                 "startupProbe": _probe("/v2/health/live", STARTUP_PROBE_PERIOD_S, STARTUP_PROBE_FAILURES),
                 "resources": _resources(model),
                 "volumeMounts": [
-                    {"name": "repository", "mountPath": REPOSITORY_MOUNT, "readOnly": True},
                     {"name": "weights", "mountPath": WEIGHTS_MOUNT, "readOnly": True},
                     {"name": "shm", "mountPath": "/dev/shm"},
                 ],
             }
         ],
         "volumes": [
-            {
-                "name": "repository",
-                "configMap": {
-                    "name": naming.triton_config_name(model.name),
-                    "items": [{"key": key, "path": path} for key, (path, _) in files.items()],
-                },
-            },
             {
                 "name": "weights",
                 "persistentVolumeClaim": {"claimName": naming.pvc_name(model.name), "readOnly": True},
@@ -383,9 +309,6 @@ def deployment_for_model(model: CodeCompletionModel, settings: Settings) -> dict
                 "metadata": {
                     "labels": naming.labels(model.name, naming.COMPONENT_TRITON),
                     "annotations": {
-                        naming.ANNOTATION_CONFIG_HASH: naming.short_hash(
-                            {key: content for key, (_, content) in files.items()}
-                        ),
                         naming.ANNOTATION_WEIGHTS_HASH: weights_hash(model),
                     },
                 },

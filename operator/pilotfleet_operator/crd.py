@@ -69,6 +69,8 @@ def printer_columns() -> list[dict[str, Any]]:
         {"name": "GPUs", "type": "integer", "jsonPath": ".spec.gpus.count"},
         {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        # Written by the fetch job while it downloads (percentage), kept once it is done.
+        {"name": "Fetched", "type": "string", "jsonPath": ".status.fetch.progress"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 

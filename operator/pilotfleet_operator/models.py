@@ -98,6 +98,11 @@ class WeightsSource(ApiModel):
     """Expected SHA-256 of the archive at `url`; the fetch job refuses anything else."""
     credentials_secret: DnsName | None = None
     """Secret in the model's namespace whose key `token` authenticates the download."""
+    tokenizer: Annotated[str, StringConstraints(pattern=r"^(https?|s3|hf)://.+$", max_length=2048)] | None = (
+        None
+    )
+    """Tokenizer files when the weights carry none (FauxPilot's FT archives): a URL of `tokenizer.json` or
+    an archive, or `hf://owner/repo`; Triton serves it to the proxy."""
 
 
 class AccessMode(StrEnum):
@@ -424,6 +429,8 @@ class FetchProgress(StatusModel):
     """Recent download rate."""
     eta_seconds: float | None = None
     """Estimated seconds left."""
+    progress: str | None = None
+    """Percentage done (or bytes, when the total is unknown), for `kubectl get`."""
 
 
 class CodeCompletionModelStatus(StatusModel):

@@ -27,8 +27,8 @@ LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_MODEL = f"{GROUP}/model"
 
-# Pod template annotations whose change rolls the Triton pods.
-ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
+# The identity of a model's Triton repository (weights and the fetch options that lay it out): on the
+# fetch Job, and on the Triton pod template, whose change rolls the pods.
 ANNOTATION_WEIGHTS_HASH = f"{GROUP}/weights-hash"
 # kopf keeps its handler progress and last-handled spec in annotations under our own group.
 KOPF_PREFIX = GROUP
@@ -37,14 +37,13 @@ FINALIZER = f"{GROUP}/cleanup"
 COMPONENT_TRITON = "triton"
 COMPONENT_WEIGHTS = "weights"
 COMPONENT_FETCH = "fetch"
-COMPONENT_TRITON_CONFIG = "triton-config"
 COMPONENT_ROUTES = "routes"
 
 ROUTES_CONFIGMAP = "pilotfleet-routes"
 ROUTES_KEY = "routes.yaml"
 
-# The longest metadata.name accepted by the CRD: the longest child name adds 20 characters
-# ("-fetch-" plus a 12-character hash, or "-triton-config") and Service names stop at 63.
+# The longest metadata.name accepted by the CRD: the longest child name adds 19 characters
+# ("-fetch-" plus a 12-character hash) and Service names stop at 63.
 MAX_MODEL_NAME_LENGTH = 40
 
 
@@ -53,9 +52,9 @@ def triton_name(model: str) -> str:
     return f"{model}-triton"
 
 
-def triton_config_name(model: str) -> str:
-    """Name of the ConfigMap that holds the Triton model repository of `model`."""
-    return f"{model}-triton-config"
+def fetch_service_account_name(model: str) -> str:
+    """Name of the ServiceAccount, Role and RoleBinding of the fetch Jobs of `model`."""
+    return f"{model}-fetch"
 
 
 def pvc_name(model: str) -> str:

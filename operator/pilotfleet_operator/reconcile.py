@@ -6,6 +6,7 @@ the middle of it simply runs it again.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from pilotfleet_operator.apply import (
 from pilotfleet_operator.models import CodeCompletionModel, CodeCompletionModelStatus, ConditionType
 from pilotfleet_operator.settings import Settings
 from pilotfleet_operator.status import (
+    FETCH_FAILED,
     Observed,
     Transition,
     WeightsState,
@@ -38,6 +40,9 @@ from pilotfleet_operator.status import (
 )
 
 log = logging.getLogger(__name__)
+
+# The Job controller labels each pod with its Job's name.
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
 
 @dataclass
@@ -68,23 +73,65 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def weights_state(job: dict[str, Any] | None) -> tuple[WeightsState, str]:
-    """Read the fetch Job's status."""
+def job_failed(job: dict[str, Any] | None) -> bool:
+    """True when the Job has given up (its Failed condition is set)."""
+    conditions = ((job or {}).get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Failed" and c.get("status") == "True" for c in conditions)
+
+
+def fetch_failure(pods: Iterable[dict[str, Any]]) -> tuple[str, str] | None:
+    """(reason, message) of the last failed fetch container, from its termination message.
+
+    The fetch job writes `{"reason", "message"}` (docs/fetch.md); anything else there is the end of its
+    log (terminationMessagePolicy FallbackToLogsOnError), reported as FetchFailed with the exit code.
+    """
+    latest: tuple[str, dict[str, Any]] | None = None
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated")
+            if container.get("name") != builders.FETCH_CONTAINER or not terminated:
+                continue
+            if terminated.get("exitCode") == 0:
+                continue
+            finished = str(terminated.get("finishedAt") or "")
+            if latest is None or finished >= latest[0]:
+                latest = (finished, terminated)
+    if latest is None:
+        return None
+    terminated = latest[1]
+    text = str(terminated.get("message") or "").strip()
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("reason"), str) and parsed["reason"]:
+        return parsed["reason"], str(parsed.get("message", ""))
+    last_line = text.splitlines()[-1] if text else ""
+    return FETCH_FAILED, f"exit code {terminated.get('exitCode')}" + (f": {last_line}" if last_line else "")
+
+
+def weights_state(
+    job: dict[str, Any] | None, pods: Iterable[dict[str, Any]] = ()
+) -> tuple[WeightsState, str, str]:
+    """Read the fetch Job's status: (state, reason, message); `pods` are the Job's pods, read for the
+    fetch job's own failure reason once the Job has failed."""
     if job is None:
-        return WeightsState.NOT_STARTED, "the fetch job does not exist yet"
+        return WeightsState.NOT_STARTED, "NotStarted", "the fetch job does not exist yet"
     name = job["metadata"]["name"]
     status = job.get("status") or {}
     for cond in status.get("conditions") or []:
-        if cond.get("status") != "True":
-            continue
-        if cond.get("type") == "Complete":
-            return WeightsState.READY, f"weights fetched and verified by job {name}"
-        if cond.get("type") == "Failed":
-            detail = cond.get("message") or cond.get("reason") or "failed"
-            return WeightsState.FAILED, f"fetch job {name} failed: {detail}"
+        if cond.get("status") == "True" and cond.get("type") == "Complete":
+            return WeightsState.READY, "Fetched", f"weights fetched and verified by job {name}"
+    if job_failed(job):
+        failure = fetch_failure(pods)
+        if failure is not None:
+            return WeightsState.FAILED, failure[0], f"fetch job {name} failed: {failure[1]}"
+        cond = next(c for c in status["conditions"] if c.get("type") == "Failed")
+        detail = cond.get("message") or cond.get("reason") or "failed"
+        return WeightsState.FAILED, FETCH_FAILED, f"fetch job {name} failed: {detail}"
     if status.get("succeeded"):
-        return WeightsState.READY, f"weights fetched and verified by job {name}"
-    return WeightsState.FETCHING, f"fetch job {name} is running"
+        return WeightsState.READY, "Fetched", f"weights fetched and verified by job {name}"
+    return WeightsState.FETCHING, "Fetching", f"fetch job {name} is running"
 
 
 def pod_scheduling(pods: Iterable[dict[str, Any]]) -> tuple[int, str | None]:
@@ -151,6 +198,7 @@ def reconcile(rt: Runtime, model: CodeCompletionModel) -> Outcome:
     req = gpu.requirement_for(model.spec, settings)
     problem = gpu.no_suitable_gpu(req, kube.list(NODES))
     deployment: dict[str, Any] | None
+    weights_reason = FETCH_FAILED
     if problem:
         # Refuse before anything is fetched or any GPU is taken; what already runs keeps running.
         weights, weights_message = WeightsState.NOT_STARTED, "waiting for a node with suitable GPUs"
@@ -159,12 +207,16 @@ def reconcile(rt: Runtime, model: CodeCompletionModel) -> Outcome:
         desired_deployment = builders.deployment_for_model(model, settings)
         fixed = [
             builders.pvc_for_model(model, settings),
-            builders.triton_configmap_for_model(model, settings),
             builders.service_for_model(model, settings),
+            # The fetch Job's identity exists before the Job, or its pods are refused.
+            *builders.fetch_rbac_for_model(model, settings),
         ]
         apply_all(kube, fixed)
         job = kube.apply(builders.fetch_job_for_model(model, settings))
-        weights, weights_message = weights_state(job)
+        job_pods = (
+            kube.list(PODS, ns, f"{JOB_NAME_LABEL}={job['metadata']['name']}") if job_failed(job) else []
+        )
+        weights, weights_reason, weights_message = weights_state(job, job_pods)
         if weights is WeightsState.READY:
             deployment = kube.apply(desired_deployment)
         else:
@@ -194,6 +246,7 @@ def reconcile(rt: Runtime, model: CodeCompletionModel) -> Outcome:
         routed=key in routed and routed[key] is None,
         route_problem=routed.get(key),
         url=builders.grpc_endpoint(model, settings),
+        weights_reason=weights_reason,
     )
     new = compute_status(model.status, observed, now_rfc3339())
     patch = status_patch(new)

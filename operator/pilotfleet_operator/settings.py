@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -62,8 +64,6 @@ class Settings(BaseSettings):
     """Compute capabilities the Python-backend image supports."""
     fetch_image: str = "ghcr.io/pilotfleet/pilotfleet:0.1.0"
     """Image that runs `pilotfleet fetch` in the weights Job."""
-    python_model_module: str = "pilotfleet_serve.hf_model.model"
-    """Module in the Python-backend image that provides `TritonPythonModel` for Hugging Face checkpoints."""
     shm_size: str = "2Gi"
     """Size of /dev/shm of Triton pods (NCCL between tensor-parallel GPUs and the Python backend use it)."""
     cluster_domain: str = ""
@@ -71,7 +71,12 @@ class Settings(BaseSettings):
     retry_delay: float = Field(default=5.0, gt=0)
     """Seconds between checks while a model converges (weights fetching, pods starting)."""
     fetch_backoff_limit: int = Field(default=4, ge=0)
-    """Pod retries of a weights fetch Job before it counts as failed."""
+    """Pod retries of a weights fetch Job after transient failures (Stalled, Unreachable); permanent ones
+    (NotFound, ChecksumMismatch, ...) fail the Job at once."""
+    fetch_node_selector: dict[str, str] = {}
+    """Node labels the fetch Job's pods require (JSON object), e.g. a CPU pool near the object store."""
+    fetch_tolerations: list[dict[str, Any]] = []
+    """Tolerations of the fetch Job's pods (JSON list of Kubernetes tolerations)."""
 
     @field_validator("fastertransformer_compute_capability", "python_compute_capability")
     @classmethod

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from pilotfleet_fetch.errors import ALL_ERRORS
+
 from pilotfleet_operator.models import (
     CodeCompletionModelStatus,
     Condition,
@@ -19,8 +21,12 @@ from pilotfleet_operator.models import (
 )
 
 TRUE, FALSE = ConditionStatus.TRUE, ConditionStatus.FALSE
-# Reasons that mean a person has to act; their Events are Warnings.
-WARNING_REASONS = frozenset({"NoSuitableGPU", "FetchFailed", "Unschedulable", "NameConflict"})
+FETCH_FAILED = "FetchFailed"
+# Reasons that mean a person has to act; their Events are Warnings. A failed fetch reports the fetch
+# job's own reason code (ChecksumMismatch, NotFound, ...; docs/fetch.md), or FetchFailed without one.
+WARNING_REASONS = frozenset(
+    {"NoSuitableGPU", FETCH_FAILED, "Unschedulable", "NameConflict", *(e.reason for e in ALL_ERRORS)}
+)
 
 
 class WeightsState(StrEnum):
@@ -47,6 +53,8 @@ class Observed:
     routed: bool
     route_problem: str | None
     url: str
+    # The fetch job's reason code when the weights fetch failed (WeightsReady's reason then).
+    weights_reason: str = FETCH_FAILED
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,7 @@ def _weights(obs: Observed) -> tuple[ConditionStatus, str, str]:
     if obs.weights is WeightsState.READY:
         return TRUE, "Fetched", obs.weights_message
     if obs.weights is WeightsState.FAILED:
-        return FALSE, "FetchFailed", obs.weights_message
+        return FALSE, obs.weights_reason, obs.weights_message
     if obs.weights is WeightsState.FETCHING:
         return FALSE, "Fetching", obs.weights_message
     return FALSE, "NotStarted", obs.weights_message
