@@ -193,6 +193,14 @@ class Cluster:
                 f"--root-ca-file={self.ca_file}",
                 # Its default is under /usr/libexec, which it would create on the host.
                 f"--flex-volume-plugin-dir={self.workdir / 'flexvolume'}",
+                # Its client's default 20 requests/s made the node lifecycle controller lift the
+                # not-ready taint of 100 new nodes over ~20 s (1.6 s with these limits).
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
+                # KWOK's node heartbeats fall behind on busy cores (100 nodes and 200 models on 2 cores);
+                # a node marked NotReady for that leaves its pods NotReady for good (KWOK does not
+                # mark them Ready again). Simulated nodes never fail, so allow long silences.
+                "--node-monitor-grace-period=5m",
             ],
         )
         self._run("kube-scheduler", [bins.kube_scheduler, *common])

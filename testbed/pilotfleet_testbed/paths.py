@@ -23,8 +23,10 @@ def project_root() -> Path:
 
 
 def state_dir() -> Path:
-    """Return where `pilotfleet testbed up` keeps pids, ports, kubeconfig and logs."""
-    return project_root() / ".testbed"
+    """Return where `pilotfleet testbed up` keeps pids, ports, kubeconfig and logs:
+    `PILOTFLEET_TESTBED_STATE`, default `.testbed/` at the project root (a test sets it, so that its
+    testbed never meets a developer's)."""
+    return Path(os.environ.get("PILOTFLEET_TESTBED_STATE") or project_root() / ".testbed")
 
 
 @contextlib.contextmanager

@@ -73,6 +73,8 @@ class Running:
     triton_shm_prefix: str
     helm: str
     kubectl: str
+    # `pilotfleet operator` when something (the demo) runs it locally against this testbed.
+    operator_pid: int | None = None
 
     def save(self, state: Path) -> None:
         """Write the record to `state/state.json`."""
@@ -134,6 +136,9 @@ def down(state: Path) -> bool:
     running = Running.load(state)
     if running is None:
         return False
+    # The operator first: it would log every API error while the control plane goes away under it.
+    if running.operator_pid is not None:
+        procs.stop_group(running.operator_pid)
     procs.stop_group(running.triton_pid)
     for region in triton.SHM_DIR.glob(f"{running.triton_shm_prefix}*"):
         region.unlink(missing_ok=True)
@@ -152,6 +157,8 @@ def status(state: Path) -> dict[str, str]:
         for name, pid in sorted(running.cluster_pids.items())
     }
     report["triton"] = "running" if procs.group_running(running.triton_pid) else "NOT RUNNING"
+    if running.operator_pid is not None:
+        report["operator"] = "running" if procs.group_running(running.operator_pid) else "NOT RUNNING"
     report["kubeconfig"] = running.kubeconfig
     report["triton grpc"] = running.triton_grpc
     return report
