@@ -29,11 +29,13 @@ import aiohttp
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
+from pilotfleet_proxy.backend import end_stream
 from pilotfleet_proxy.tokenizer import Tokenizer
-from pilotfleet_testbed import procs
+from pilotfleet_serve import procs
+from pilotfleet_serve.tritonserver import TritonServer
 from pilotfleet_testbed.pytest_proxy import echo_route_table
 from pilotfleet_testbed.tokenizers import gpt2_tokenizer_json
-from pilotfleet_testbed.triton import TritonServer, build_model_repository
+from pilotfleet_testbed.triton import build_model_repository
 
 log = logging.getLogger("benchmarks.proxy")
 
@@ -114,7 +116,7 @@ async def direct_stream_first(client: grpcaio.InferenceServerClient, ids: list[i
         if result.get_response().parameters["triton_final_response"].bool_param:
             break
     done.set()
-    responses.cancel()
+    await end_stream(responses, timeout=30.0)
     return first
 
 

@@ -17,7 +17,8 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from pilotfleet_operator import naming
-from pilotfleet_testbed import chart, versions
+from pilotfleet_operator.settings import Settings
+from pilotfleet_testbed import chart, images, versions
 from pilotfleet_testbed.kube import Cluster
 
 CHART = chart.chart_dir()
@@ -149,7 +150,7 @@ def test_default_install_objects(chart_helm: chart.Helm) -> None:
     assert operator["spec"]["strategy"] == {"type": "Recreate"}
     assert "Role" not in kinds(objects)
     op_container = operator["spec"]["template"]["spec"]["containers"][0]
-    assert op_container["image"] == f"pilotfleet:{APP_VERSION}"
+    assert op_container["image"] == f"localhost/pilotfleet:{APP_VERSION}"
     assert op_container["imagePullPolicy"] == "IfNotPresent"
     assert op_container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     # kopf serves the probe endpoint because the command asks it to, on the port the probes call.
@@ -198,6 +199,37 @@ def test_default_install_objects(chart_helm: chart.Helm) -> None:
     service = one(objects, "Service", "proxy")
     assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
     assert "Ingress" not in kinds(objects)
+
+
+def test_default_images_are_what_make_images_builds(
+    chart_helm: chart.Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #5: the chart deploys the image `make images` builds, and hands it to the operator for its
+    fetch Jobs; the operator's own defaults are the same images, so a bare `pilotfleet operator` agrees."""
+    version = images.project_version()
+    built = images.PILOTFLEET.ref(version)
+    assert version == APP_VERSION
+    objects = render(chart_helm)
+    operator = one(objects, "Deployment", "operator")["spec"]["template"]["spec"]["containers"][0]
+    proxy = one(objects, "Deployment", "proxy")["spec"]["template"]["spec"]["containers"][0]
+    assert (operator["image"], operator["imagePullPolicy"]) == (built, "IfNotPresent")
+    assert (proxy["image"], proxy["imagePullPolicy"]) == (built, "IfNotPresent")
+    assert env_of(operator)["PILOTFLEET_OPERATOR_FETCH_IMAGE"] == built
+
+    for name in ("PILOTFLEET_OPERATOR_FETCH_IMAGE", "PILOTFLEET_OPERATOR_PYTHON_IMAGE"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = Settings()
+    assert defaults.fetch_image == env_of(operator)["PILOTFLEET_OPERATOR_FETCH_IMAGE"]
+    # The Python backend's default runs our Hugging Face model: the torch variant of the Triton image.
+    assert defaults.python_image == images.TRITON_CPU_TORCH.ref(version)
+
+    # Another registry and tag: the fetch Jobs follow the chart's image.
+    moved = render(
+        chart_helm, "--set", "image.repository=registry.internal/pilotfleet", "--set", "image.tag=9.9"
+    )
+    moved_operator = one(moved, "Deployment", "operator")["spec"]["template"]["spec"]["containers"][0]
+    assert moved_operator["image"] == "registry.internal/pilotfleet:9.9"
+    assert env_of(moved_operator)["PILOTFLEET_OPERATOR_FETCH_IMAGE"] == "registry.internal/pilotfleet:9.9"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

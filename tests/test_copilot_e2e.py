@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,11 @@ from pilotfleet_proxy.completion import suffix_stop
 from pilotfleet_proxy.settings import ProxySettings
 from pilotfleet_proxy.testing import ProxyServer
 from pilotfleet_proxy.tokenizer import Tokenizer
+from pilotfleet_serve.tritonserver import TritonServer
 from pilotfleet_testbed.copilot import override_settings, sign_in_env
 from pilotfleet_testbed.pytest_clients import CopilotFactory
 from pilotfleet_testbed.pytest_proxy import echo_completion, echo_route_table
 from pilotfleet_testbed.pytest_triton import TritonServerFactory
-from pilotfleet_testbed.triton import TritonServer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -141,16 +142,34 @@ def expected_completion(tok: Tokenizer, sent: dict[str, Any]) -> str:
     return text[: min((i for stop in stops if (i := text.find(stop)) >= 0), default=len(text))]
 
 
+def wait_for_model_list(proxy: RecordingProxy, timeout: float = 30.0) -> None:
+    """Wait until the language server has read the proxy's model list.
+
+    With no engine configured it picks its engine from that list; asked for a completion before the list
+    arrives, it falls back to GitHub's default engine, which the proxy rightly answers with 404.
+    """
+    deadline = time.monotonic() + timeout
+    while not any(e.method == "GET" and e.status == 200 for e in proxy.exchanges("/models")):
+        assert time.monotonic() < deadline, f"the language server never read {proxy.url}/models"
+        time.sleep(0.05)
+
+
 def ask_for_ghost_text(
     copilot_factory: CopilotFactory,
     tmp_path: Path,
     env: dict[str, str],
     settings: dict[str, Any],
     invoked: bool,
+    proxy: RecordingProxy | None = None,
 ) -> list[dict[str, Any]]:
-    """Start a signed-in language server, open SOURCE and ask for ghost text at CURSOR."""
+    """Start a signed-in language server, open SOURCE and ask for ghost text at CURSOR.
+
+    With `proxy`, the editor has no engine configured: wait until it has read that proxy's model list.
+    """
     client = copilot_factory(env, settings)
     assert client.check_status()["status"] == "OK"
+    if proxy is not None:
+        wait_for_model_list(proxy)
     uri = client.open_document(tmp_path / "add.py", SOURCE, "python")
     return client.inline_completion(uri, *CURSOR, invoked=invoked, timeout=60)
 
@@ -171,7 +190,7 @@ def test_signed_in_editor_needs_no_other_setting(
     proxy = start_proxy(recording_proxies, triton_server, gpt2_tokenizer, tmp_path)
     default_model = echo_route_table([triton_server.url], gpt2_tokenizer).models[0].name
 
-    items = ask_for_ghost_text(copilot_factory, tmp_path, sign_in_env(proxy.github_url), {}, invoked)
+    items = ask_for_ghost_text(copilot_factory, tmp_path, sign_in_env(proxy.github_url), {}, invoked, proxy)
 
     # The whole sign-in happened at the proxy, and succeeded.
     for path in ("/copilot_internal/v2/token", "/copilot_internal/user", "/models"):
@@ -255,6 +274,7 @@ def test_triton_down_is_a_503_not_an_empty_completion(
     proxy = start_proxy(recording_proxies, triton, gpt2_tokenizer, tmp_path, endpoint_cooldown_s=0.0)
     client = copilot_factory(sign_in_env(proxy.github_url), {})
     assert client.check_status()["status"] == "OK"
+    wait_for_model_list(proxy)
     uri = client.open_document(tmp_path / "add.py", SOURCE, "python")
     triton.kill()
 

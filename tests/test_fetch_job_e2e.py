@@ -103,22 +103,11 @@ def operator(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[FetchOperator]:
     """The operator, its fetch Jobs placed on the job runner by the fetch node settings."""
-    monkeypatch.setenv("KUBECONFIG", str(kube_cluster.kubeconfig))
-    monkeypatch.setenv("PILOTFLEET_OPERATOR_NAMESPACE", k8s_namespace)
-    monkeypatch.setenv("PILOTFLEET_OPERATOR_WATCH_NAMESPACES", json.dumps([k8s_namespace]))
-    monkeypatch.setenv("PILOTFLEET_OPERATOR_RETRY_DELAY", "0.5")
+    live.set_operator_env(monkeypatch, kube_cluster, k8s_namespace)
     monkeypatch.setenv("PILOTFLEET_OPERATOR_FETCH_NODE_SELECTOR", json.dumps(job_runner.node_selector))
     monkeypatch.setenv("PILOTFLEET_OPERATOR_FETCH_TOLERATIONS", json.dumps(job_runner.tolerations))
-    handle = FetchOperator(k8s_namespace, job_runner, kube)
-    handle.start()
-    try:
+    with live.operating(FetchOperator(k8s_namespace, job_runner, kube), kube, k8s_namespace) as handle:
         yield handle
-    finally:
-        if handle.runner is not None:
-            for model in kube.list(MODELS, k8s_namespace):
-                kube.delete(MODELS, k8s_namespace, model["metadata"]["name"])
-            handle.wait_for(lambda: not kube.list(MODELS, k8s_namespace), "the models to be deleted", 60)
-        handle.stop()
 
 
 @pytest.fixture
@@ -127,27 +116,9 @@ def volume(kube: Kube, k8s_namespace: str, tmp_path: Path) -> Iterator[Callable[
     created: list[str] = []
 
     def provide(model: str) -> Path:
-        name = f"{k8s_namespace}-{model}"[:63]
         path = tmp_path / "pv" / model
         path.mkdir(parents=True)
-        kube.request(
-            "POST",
-            PVS.path(),
-            body={
-                "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": name},
-                "spec": {
-                    "capacity": {"storage": "100Gi"},
-                    "accessModes": ["ReadWriteOnce"],
-                    "persistentVolumeReclaimPolicy": "Retain",
-                    "storageClassName": "",
-                    "hostPath": {"path": str(path)},
-                    "claimRef": {"namespace": k8s_namespace, "name": naming.pvc_name(model)},
-                },
-            },
-        )
-        created.append(name)
+        created.append(live.create_pre_bound_volume(kube, k8s_namespace, model, ["ReadWriteOnce"], str(path)))
         return path
 
     yield provide

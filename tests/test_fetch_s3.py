@@ -24,8 +24,8 @@ import httpx
 import pytest
 from pilotfleet_fetch.sources import sigv4_headers
 from pilotfleet_fetch.testkit import make_archive, make_ft_checkpoint, sha256_of
-from pilotfleet_testbed.paths import cache_dir, cache_lock
-from pilotfleet_testbed.procs import StartError, free_port, port_open, start
+from pilotfleet_serve.cache import cache_dir, cache_lock
+from pilotfleet_serve.procs import StartError, free_port, port_open, start
 
 MOTO_VERSION = "5.2.5"
 REGION = "us-east-1"

@@ -32,6 +32,7 @@ from pilotfleet_proxy.tokenizer import Tokenizer
 from pilotfleet_testbed import images
 from pilotfleet_testbed.kube import Cluster
 from pilotfleet_testbed.paths import project_root
+from pilotfleet_testbed.polling import wait_for
 from pilotfleet_testbed.pytest_proxy import echo_completion
 from pilotfleet_testbed.tokenizers import END_OF_TEXT_ID
 from pilotfleet_testbed.triton import build_model_repository
@@ -70,14 +71,10 @@ def containers(podman: images.Podman) -> Iterator[images.Containers]:
 
 def _wait(condition: Callable[[], Any], what: str, timeout: float, logs: Callable[[], str]) -> Any:
     """Poll until `condition` returns something truthy; fail with `logs()` when time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; logs:\n{logs()[-4000:]}")
-        time.sleep(0.25)
+    try:
+        return wait_for(condition, what, timeout)
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}; logs:\n{logs()[-4000:]}")
 
 
 def _http_ok(url: str) -> bool:

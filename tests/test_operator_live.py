@@ -8,6 +8,7 @@ Storage is a static PersistentVolume per claim, pre-bound the way a cluster admi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -40,8 +41,9 @@ from pilotfleet_operator.apply import (
 from pilotfleet_operator.gpu import node_gpus
 from pilotfleet_operator.settings import CapabilityRange, Settings
 from pilotfleet_proxy.routes import RouteTable
-from pilotfleet_testbed import procs
+from pilotfleet_serve import procs
 from pilotfleet_testbed.kube import Cluster
+from pilotfleet_testbed.polling import wait_for
 
 pytestmark = pytest.mark.testbed
 log = logging.getLogger(__name__)
@@ -55,18 +57,6 @@ EXAMPLES = (
     "codegen-16b-multi.yaml",
     "tiny-starcoder-python.yaml",
 )
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 90.0) -> Any:
-    """Poll until `condition` returns something truthy; return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.25)
 
 
 def example(name: str) -> dict[str, Any]:
@@ -112,31 +102,42 @@ def create_model(kube: Kube, namespace: str, body: dict[str, Any]) -> dict[str, 
     return kube.request("POST", MODELS.path(namespace), body=body)
 
 
+def create_pre_bound_volume(
+    kube: Kube, namespace: str, model: str, access_modes: list[str], host_path: str | None = None
+) -> str:
+    """Create a hostPath PersistentVolume pre-bound to the weights claim of `model`; return its name.
+
+    The host path defaults to a folder under /tmp named after the volume (nothing is written there).
+    """
+    name = f"{namespace}-{model}"[:63]
+    kube.request(
+        "POST",
+        PVS.path(),
+        body={
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": name},
+            "spec": {
+                "capacity": {"storage": "100Gi"},
+                "accessModes": access_modes,
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "hostPath": {"path": host_path or f"/tmp/pilotfleet-pv/{name}"},
+                "claimRef": {"namespace": namespace, "name": naming.pvc_name(model)},
+            },
+        },
+    )
+    return name
+
+
 @pytest.fixture
 def volumes(kube: Kube, k8s_namespace: str) -> Iterator[Callable[[str], None]]:
     """Provide a PersistentVolume pre-bound to the weights claim of a model; all deleted afterwards."""
     created: list[str] = []
 
     def provide(model: str) -> None:
-        name = f"{k8s_namespace}-{model}"[:63]
-        kube.request(
-            "POST",
-            PVS.path(),
-            body={
-                "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": name},
-                "spec": {
-                    "capacity": {"storage": "100Gi"},
-                    "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
-                    "persistentVolumeReclaimPolicy": "Retain",
-                    "storageClassName": "",
-                    "hostPath": {"path": f"/tmp/pilotfleet-pv/{name}"},
-                    "claimRef": {"namespace": k8s_namespace, "name": naming.pvc_name(model)},
-                },
-            },
-        )
-        created.append(name)
+        modes = ["ReadWriteOnce", "ReadWriteMany"]
+        created.append(create_pre_bound_volume(kube, k8s_namespace, model, modes))
 
     yield provide
     for name in created:
@@ -180,26 +181,40 @@ class OperatorUnderTest:
         return wait_for(check, what, timeout)
 
 
-@pytest.fixture
-def operator(
-    kube_cluster: Cluster, k8s_namespace: str, kube: Kube, ccm_crd: None, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[OperatorUnderTest]:
-    """The operator watching the test namespace; the models are deleted before it stops."""
-    monkeypatch.setenv("KUBECONFIG", str(kube_cluster.kubeconfig))
-    monkeypatch.setenv("PILOTFLEET_OPERATOR_NAMESPACE", k8s_namespace)
-    monkeypatch.setenv("PILOTFLEET_OPERATOR_WATCH_NAMESPACES", json.dumps([k8s_namespace]))
+def set_operator_env(monkeypatch: pytest.MonkeyPatch, cluster: Cluster, namespace: str) -> None:
+    """Point the in-process operator at `cluster`, confined to `namespace`, retrying fast."""
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+    monkeypatch.setenv("PILOTFLEET_OPERATOR_NAMESPACE", namespace)
+    monkeypatch.setenv("PILOTFLEET_OPERATOR_WATCH_NAMESPACES", json.dumps([namespace]))
     monkeypatch.setenv("PILOTFLEET_OPERATOR_RETRY_DELAY", "0.5")
-    handle = OperatorUnderTest(k8s_namespace)
+
+
+Handle = TypeVar("Handle", bound=OperatorUnderTest)
+
+
+@contextlib.contextmanager
+def operating(handle: Handle, kube: Kube, namespace: str) -> Iterator[Handle]:
+    """Run `handle` for the block; the models of `namespace` are deleted before it stops."""
     handle.start()
     try:
         yield handle
     finally:
         # Delete the models while the operator runs, so that their finalizers are honoured.
         if handle.runner is not None:
-            for model in kube.list(MODELS, k8s_namespace):
-                kube.delete(MODELS, k8s_namespace, model["metadata"]["name"])
-            handle.wait_for(lambda: not kube.list(MODELS, k8s_namespace), "the models to be deleted", 60)
+            for model in kube.list(MODELS, namespace):
+                kube.delete(MODELS, namespace, model["metadata"]["name"])
+            handle.wait_for(lambda: not kube.list(MODELS, namespace), "the models to be deleted", 60)
         handle.stop()
+
+
+@pytest.fixture
+def operator(
+    kube_cluster: Cluster, k8s_namespace: str, kube: Kube, ccm_crd: None, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[OperatorUnderTest]:
+    """The operator watching the test namespace; the models are deleted before it stops."""
+    set_operator_env(monkeypatch, kube_cluster, k8s_namespace)
+    with operating(OperatorUnderTest(k8s_namespace), kube, k8s_namespace) as handle:
+        yield handle
 
 
 def test_bad_manifests_are_rejected_naming_the_field(kube: Kube, k8s_namespace: str, ccm_crd: None) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import test_operator_live as live
 from pilotfleet_operator.apply import MODELS, Kube
-from pilotfleet_testbed import chart, operator_proc, procs
+from pilotfleet_serve import procs
+from pilotfleet_testbed import chart, operator_proc
 
 # The scenarios ask for these fixtures by name; importing them makes them visible in this module.
 from test_operator_live import ccm_crd, kube, volumes  # noqa: F401

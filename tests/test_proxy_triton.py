@@ -6,6 +6,7 @@ completion below is computed from the prompt's tokens with the testbed's own rul
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sys
@@ -21,7 +22,9 @@ from pilotfleet_proxy.routers.completions import TRIMMED_HEADER
 from pilotfleet_proxy.routes import RouteTable
 from pilotfleet_proxy.testing import ProxyServer
 from pilotfleet_proxy.tokenizer import Tokenizer
-from pilotfleet_testbed import procs
+from pilotfleet_serve import procs
+from pilotfleet_serve.tritonserver import TritonServer
+from pilotfleet_testbed.polling import wait_for
 from pilotfleet_testbed.pytest_proxy import (
     ProxyServerFactory,
     echo_completion,
@@ -31,7 +34,7 @@ from pilotfleet_testbed.pytest_proxy import (
 )
 from pilotfleet_testbed.pytest_triton import TritonServerFactory
 from pilotfleet_testbed.tokenizers import END_OF_TEXT_ID
-from pilotfleet_testbed.triton import TritonServer, build_model_repository
+from pilotfleet_testbed.triton import build_model_repository
 from pilotfleet_testbed.triton_models.config import EchoModel
 from pilotfleet_testbed.triton_models.echo_rule import EchoRow, generate, log_prob
 
@@ -263,31 +266,38 @@ def test_stream_include_usage_and_echo(proxy_client: httpx.Client, tok: Tokenize
     assert stream_choices([*events[:-2], "[DONE]"]) == {0: ("ab cd" + echo_text(tok, "ab cd", 4), "length")}
 
 
-def test_first_token_arrives_before_the_generation_ends(proxy_client: httpx.Client) -> None:
-    """echo-slow takes 20 ms per token: 40 tokens take 0.8 s, the first text must come long before."""
+def test_first_token_arrives_before_the_generation_ends(
+    proxy_client: httpx.Client, triton_server: TritonServer
+) -> None:
+    """Real streaming: text reaches the client, chunk by chunk, while the model is still generating.
+
+    The client leaves after a few text chunks; the model logs how many tokens it had made by then, which
+    is fewer than asked for only if those chunks came before the generation ended.
+    """
     body = {"model": "echo-slow", "prompt": PROMPT, "max_tokens": 40, "stream": True}
-    started = time.perf_counter()
-    arrivals = []
+    texts = []
     with proxy_client.stream("POST", "/v1/completions", json=body) as response:
         for event in sse(response):
             if isinstance(event, dict) and event["choices"] and event["choices"][0]["text"]:
-                arrivals.append(time.perf_counter() - started)
-    assert len(arrivals) >= 20
-    assert arrivals[0] < 0.3, arrivals[:3]
-    assert arrivals[-1] > 0.7
+                texts.append(event)
+                if len(texts) == 5:
+                    break
+    assert len(texts) == 5
+    made = wait_for_cancel_log(triton_server, texts[0]["id"])
+    assert 5 <= made < 40, f"the model had made {made} of 40 tokens when the client had 5 chunks"
 
 
 def test_client_disconnect_cancels_the_triton_stream(
     proxy_server: ProxyServer, triton_server: TritonServer
 ) -> None:
     body = {"model": "echo-slow", "prompt": PROMPT, "max_tokens": 500, "stream": True}
-    with httpx.Client(base_url=proxy_server.url, timeout=30) as client:
-        with client.stream("POST", "/v1/completions", json=body) as response:
-            first = next(e for e in sse(response) if isinstance(e, dict))
-        closed = time.perf_counter()
+    with (
+        httpx.Client(base_url=proxy_server.url, timeout=30) as client,
+        client.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        first = next(e for e in sse(response) if isinstance(e, dict))
     # The model logs the request id we gave Triton (the completion id) and how far it got.
     assert wait_for_cancel_log(triton_server, first["id"]) < 50, "generation ran on after the client left"
-    assert time.perf_counter() - closed < 1.0
     metrics = httpx.get(f"{proxy_server.url}/metrics").text
     assert re.search(r'pilotfleet_proxy_cancelled_requests_total\{model="echo-slow"\} [1-9]', metrics)
     assert re.search(r"pilotfleet_proxy_backend_outstanding_requests\{[^}]*\} 0\.0", metrics)
@@ -315,13 +325,58 @@ def wait_for_cancel_log(triton: TritonServer, request_id: str, timeout: float = 
     raise AssertionError(f"Triton never logged request {request_id} as cancelled")
 
 
+async def test_finished_streams_leave_the_model_free_to_unload(
+    triton_server_factory: TritonServerFactory,
+    proxy_server_factory: ProxyServerFactory,
+    gpt2_tokenizer: Path,
+    tmp_path: Path,
+) -> None:
+    """Streams the proxy has read to their final response are ended cleanly, so Triton can unload the model.
+
+    Cancelling a stream just after its final response leaves its state behind in Triton, now and then:
+    the model then stays UNLOADING for good, and a graceful stop of Triton waits out its whole exit
+    timeout. 400 streams, 32 at a time, made that happen every time we tried; this test runs 800.
+    """
+    triton = triton_server_factory()
+    routes = tmp_path / "routes.yaml"
+    _write_routes(routes, echo_route_table([triton.url], gpt2_tokenizer))
+    proxy = proxy_server_factory(routes)
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as client:
+
+        async def stream() -> str | None:
+            # One token: the only response is the final one, so every stream ends right after it.
+            body = {"model": "echo", "prompt": PROMPT, "max_tokens": 1, "stream": True}
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                await response.aread()
+            return stream_choices(list(sse(response)))[0][1]
+
+        for _ in range(25):
+            reasons = await asyncio.gather(*(stream() for _ in range(32)))
+            assert set(reasons) == {"length"}
+
+    unload = urllib.request.Request(f"{triton.http_url}/v2/repository/models/ft-echo-stream/unload", b"{}")
+    urllib.request.urlopen(unload).close()
+
+    def state() -> str:
+        index = urllib.request.Request(f"{triton.http_url}/v2/repository/index", b"{}")
+        with urllib.request.urlopen(index) as response:
+            models = {m["name"]: m for m in json.load(response)}
+        return str(models["ft-echo-stream"].get("state"))
+
+    wait_for(lambda: state() == "UNAVAILABLE", "ft-echo-stream to unload", timeout=20)
+
+
 def test_client_disconnect_cancels_a_unary_request(
     triton_server_factory: TritonServerFactory,
     proxy_server_factory: ProxyServerFactory,
     gpt2_tokenizer: Path,
     tmp_path: Path,
 ) -> None:
-    """A unary call is cancelled too: the proxy drops the gRPC call at once instead of waiting 4 s."""
+    """A unary call is cancelled too: the proxy drops the gRPC call at once instead of waiting 4 s.
+
+    The Python model itself runs on (a unary model cannot see the cancellation): Triton counts the request
+    only when the model is done, and the proxy has given it up before that.
+    """
     repo = build_model_repository(
         tmp_path / "models", models=[EchoModel("ft-echo-slow", token_delay_ms=20.0)]
     )
@@ -335,16 +390,21 @@ def test_client_disconnect_cancels_a_unary_request(
     body = {"model": "slow-unary", "prompt": PROMPT, "max_tokens": 200}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{proxy.url}/v1/completions", json=body, timeout=0.5)
-    gone = time.perf_counter()
+    cancelled = r'pilotfleet_proxy_cancelled_requests_total\{model="slow-unary"\} 1\.0'
     metrics = ""
-    while time.perf_counter() - gone < 2:
+    model_done = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
         metrics = httpx.get(f"{proxy.url}/metrics").text
-        if re.search(r'pilotfleet_proxy_cancelled_requests_total\{model="slow-unary"\} 1\.0', metrics):
+        model_done = triton_stats(triton, "ft-echo-slow")["requests"]
+        if re.search(cancelled, metrics) or model_done:
             break
         time.sleep(0.05)
-    assert re.search(r'pilotfleet_proxy_cancelled_requests_total\{model="slow-unary"\} 1\.0', metrics)
+    assert re.search(cancelled, metrics), metrics
     assert re.search(r"pilotfleet_proxy_backend_outstanding_requests\{[^}]*\} 0\.0", metrics)
-    assert time.perf_counter() - gone < 2, "the proxy waited for the whole generation"
+    assert model_done == 0, "the proxy waited for the whole generation"
+    # The count that proved it: it moves once the model is done with the request nobody waits for.
+    wait_for(lambda: triton_stats(triton, "ft-echo-slow")["requests"] == 1, "the model to finish", 10)
 
 
 def test_cli_serves_a_completion(proxy_routes_file: Path, tmp_path: Path, tok: Tokenizer) -> None:

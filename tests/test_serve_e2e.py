@@ -15,9 +15,8 @@ import httpx
 import pytest
 import torch
 from openai import OpenAI
-from pilotfleet_serve import smollm2
+from pilotfleet_serve import procs, smollm2
 from pilotfleet_serve.serve import COPILOT_STOPS
-from pilotfleet_testbed import procs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROMPT = "def fibonacci(n):"

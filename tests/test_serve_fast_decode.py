@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 from pilotfleet_serve.generation import BatchDecoder, Finish, Job, Row, RowSpec, Sampling, Scheduler, generate
-from pilotfleet_serve.reference import hf_greedy, tiny_codegen, tiny_llama
+from pilotfleet_serve.reference import TINY_DECODER_SIZES, hf_greedy, tiny_codegen, tiny_llama
 from pilotfleet_serve.static_decode import MIN_WINDOW, StaticBatchDecoder, bucket, make_decoder
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedModel
 
@@ -155,15 +155,7 @@ def test_scheduler_streams_through_the_static_decoder() -> None:
 
 def test_make_decoder_falls_back_for_sliding_window_models() -> None:
     assert isinstance(make_decoder(tiny_llama(), max_rows=4, max_len=128), StaticBatchDecoder)
-    config = MistralConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=16,
-    )
+    config = MistralConfig(**TINY_DECODER_SIZES, sliding_window=16)
     assert isinstance(make_decoder(MistralForCausalLM(config).eval(), max_rows=4), BatchDecoder)
 
 

@@ -7,7 +7,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-from pilotfleet_serve.ft import FTInputError, pack_outputs, parse_word_list, rows_from_inputs
+from pilotfleet_serve.ft import pack_outputs, rows_from_inputs
+from pilotfleet_serve.ft_input import FTInputError, parse_word_list
 from pilotfleet_serve.generation import (
     BatchDecoder,
     Finish,

@@ -10,7 +10,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from pilotfleet_serve.reference import hf_greedy, tiny_llama
 from pilotfleet_serve.repository import HFModelConfig, write_hf_model
-from pilotfleet_testbed.triton import TritonServer
+from pilotfleet_serve.tritonserver import TritonServer
 from transformers import PreTrainedModel
 from tritonclient.utils import InferenceServerException
 

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from pilotfleet_testbed import gobuild, kube, nodes, procs, versions
+from pilotfleet_serve import procs
+from pilotfleet_testbed import gobuild, kube, nodes, versions
 from pilotfleet_testbed.kube import Cluster, StartError
 
 pytestmark = pytest.mark.testbed

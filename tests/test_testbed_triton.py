@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
-from pilotfleet_testbed.procs import StartError
+from pilotfleet_serve.ft_input import FTInputError, parse_word_list
+from pilotfleet_serve.procs import StartError
+from pilotfleet_serve.tritonserver import TritonServer
 from pilotfleet_testbed.pytest_triton import TritonServerFactory
-from pilotfleet_testbed.triton import TritonServer, build_model_repository
+from pilotfleet_testbed.triton import build_model_repository
 from pilotfleet_testbed.triton_models.config import ECHO, EchoModel
-from pilotfleet_testbed.triton_models.echo_rule import EchoInputError, parse_stop_words
 from tritonclient.utils import InferenceServerException
 
 log = logging.getLogger(__name__)
@@ -140,11 +141,11 @@ def test_invalid_request_is_a_triton_error(client: grpcclient.InferenceServerCli
 
 
 def test_stop_words_list_is_checked_like_ft() -> None:
-    assert parse_stop_words(_stop_words([[1, 2], [3]], 4)) == ((1, 2), (3,))
-    with pytest.raises(EchoInputError, match="offset 5"):
-        parse_stop_words(np.array([[1, 2], [5, -1]], dtype=np.int32))
-    with pytest.raises(EchoInputError, match=r"\[2, N\]"):
-        parse_stop_words(np.zeros((3, 2), dtype=np.int32))
+    assert parse_word_list(_stop_words([[1, 2], [3]], 4)) == ((1, 2), (3,))
+    with pytest.raises(FTInputError, match="offset 5"):
+        parse_word_list(np.array([[1, 2], [5, -1]], dtype=np.int32))
+    with pytest.raises(FTInputError, match=r"\[2, N\]"):
+        parse_word_list(np.zeros((3, 2), dtype=np.int32))
 
 
 def test_sync_stream_one_response_per_token_then_final(triton_server: TritonServer) -> None:

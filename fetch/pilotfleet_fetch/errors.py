@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 log = logging.getLogger(__name__)
 
@@ -18,70 +18,48 @@ class FetchError(Exception):
     # Permanent failures clear the staging area; transient ones keep partial downloads for a resume.
     permanent: ClassVar[bool] = True
 
+    def __init_subclass__(cls, *, exit_code: int, permanent: bool = True, **kwargs: Any) -> None:
+        """Declare a failure: its reason code is its class name, its exit status and permanence as given."""
+        super().__init_subclass__(**kwargs)
+        cls.reason = cls.__name__
+        cls.exit_code = exit_code
+        cls.permanent = permanent
 
-class NotFound(FetchError):
+
+class NotFound(FetchError, exit_code=10):
     """The source (URL, S3 key, Hugging Face repo, revision or file) does not exist."""
 
-    reason = "NotFound"
-    exit_code = 10
 
-
-class Unauthorized(FetchError):
+class Unauthorized(FetchError, exit_code=11):
     """The server refused our credentials (401/403)."""
 
-    reason = "Unauthorized"
-    exit_code = 11
 
-
-class ChecksumMismatch(FetchError):
+class ChecksumMismatch(FetchError, exit_code=12):
     """The downloaded bytes do not hash to the expected digest."""
 
-    reason = "ChecksumMismatch"
-    exit_code = 12
 
-
-class DiskFull(FetchError):
+class DiskFull(FetchError, exit_code=13):
     """The destination volume has no room for the download or the extracted files."""
 
-    reason = "DiskFull"
-    exit_code = 13
 
-
-class BadArchive(FetchError):
+class BadArchive(FetchError, exit_code=14):
     """The archive is truncated, corrupt, or holds a member that would escape the target directory."""
 
-    reason = "BadArchive"
-    exit_code = 14
 
-
-class MissingShard(FetchError):
+class MissingShard(FetchError, exit_code=15):
     """Checkpoint files needed for the requested tensor-parallel size are missing or the wrong size."""
 
-    reason = "MissingShard"
-    exit_code = 15
 
-
-class Stalled(FetchError):
+class Stalled(FetchError, exit_code=16, permanent=False):
     """No bytes arrived within the stall timeout, too many times in a row."""
 
-    reason = "Stalled"
-    exit_code = 16
-    permanent = False
 
-
-class BadCheckpoint(FetchError):
+class BadCheckpoint(FetchError, exit_code=17):
     """Checkpoint metadata (config.ini, config.json, a safetensors header) is unreadable or inconsistent."""
 
-    reason = "BadCheckpoint"
-    exit_code = 17
 
-
-class Unreachable(FetchError):
+class Unreachable(FetchError, exit_code=18, permanent=False):
     """Connection errors or server errors (5xx), too many times in a row."""
-
-    reason = "Unreachable"
-    exit_code = 18
-    permanent = False
 
 
 # argparse's exit status for a bad command line: as permanent as any failure above.

@@ -1,26 +1,23 @@
 """One level-based reconcile of a CodeCompletionModel: observe, plan, apply, prune, publish routes, status.
 
-Called for create, update, resume and the drift timer alike (handlers.py); idempotent, so a restart in
-the middle of it simply runs it again.
+Called for create, update and resume, and by the model's daemon when a child changes or the drift interval
+passes (handlers.py); idempotent, so a restart in the middle of it simply runs it again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import threading
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-
-from pydantic import ValidationError
 
 from pilotfleet_operator import builders, gpu, naming
 from pilotfleet_operator.apply import (
     DEPLOYMENTS,
     MODELS,
-    NODES,
     PODS,
     PVCS,
     Kube,
@@ -28,6 +25,7 @@ from pilotfleet_operator.apply import (
     prune,
 )
 from pilotfleet_operator.models import CodeCompletionModel, CodeCompletionModelStatus, ConditionType
+from pilotfleet_operator.routing import RoutePublisher, RouteResult
 from pilotfleet_operator.settings import Settings
 from pilotfleet_operator.status import (
     FETCH_FAILED,
@@ -38,6 +36,7 @@ from pilotfleet_operator.status import (
     status_patch,
     transitions,
 )
+from pilotfleet_operator.watch import Fleet, Nudges
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +46,12 @@ JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
 @dataclass
 class Runtime:
-    """What every handler shares: the API access, the settings, and the route table's lock."""
+    """What every handler shares: the API access, the settings, the route table and the models' wakers."""
 
     kube: Kube
     settings: Settings
-    watch_namespaces: tuple[str, ...] = ()
-    # One writer at a time rebuilds the fleet-wide route table from a fresh listing.
-    routes_lock: threading.Lock = field(default_factory=threading.Lock)
+    routes: RoutePublisher
+    nudges: Nudges
 
 
 @dataclass(frozen=True)
@@ -134,6 +132,22 @@ def weights_state(
     return WeightsState.FETCHING, "Fetching", f"fetch job {name} is running"
 
 
+def current_ready_replicas(deployment: Mapping[str, Any] | None) -> int:
+    """Ready replicas that run the Deployment's current pod template.
+
+    During a rolling update the old pods still count in `readyReplicas`, so a model must not be Ready at
+    its new generation on their account: until the Deployment controller has seen the new template, none
+    count; afterwards the pods not yet updated are taken off (assumed ready, which can only undercount).
+    """
+    if not deployment:
+        return 0
+    status = deployment.get("status") or {}
+    if int(status.get("observedGeneration") or 0) < int(deployment["metadata"].get("generation") or 0):
+        return 0
+    outdated = int(status.get("replicas") or 0) - int(status.get("updatedReplicas") or 0)
+    return max(0, int(status.get("readyReplicas") or 0) - outdated)
+
+
 def pod_scheduling(pods: Iterable[dict[str, Any]]) -> tuple[int, str | None]:
     """Count the pods the scheduler placed; return the scheduler's message for one it could not place."""
     scheduled, problem = 0, None
@@ -150,53 +164,32 @@ def pod_scheduling(pods: Iterable[dict[str, Any]]) -> tuple[int, str | None]:
     return scheduled, problem
 
 
-def _parse_models(items: Iterable[dict[str, Any]]) -> list[CodeCompletionModel]:
-    models = []
-    for item in items:
-        if item["metadata"].get("deletionTimestamp"):
-            continue
-        try:
-            models.append(CodeCompletionModel.from_body(item))
-        except ValidationError as exc:
-            # The CRD schema should make this impossible; one bad object must not unroute the fleet.
-            log.error(
-                "skipping %s/%s in the route table: %s",
-                item["metadata"].get("namespace"),
-                item["metadata"].get("name"),
-                exc,
-            )
-    return models
+@dataclass(frozen=True)
+class ChildrenState:
+    """What converging a model's children found (everything of its status but the route table)."""
+
+    weights: WeightsState
+    weights_reason: str
+    weights_message: str
+    gpu_problem: str | None
+    scheduled_pods: int
+    unschedulable: str | None
+    ready_replicas: int
 
 
-def _list_all(rt: Runtime, resource: Any, label_selector: str | None = None) -> list[dict[str, Any]]:
-    if not rt.watch_namespaces:
-        return rt.kube.list(resource, None, label_selector)
-    return [obj for ns in rt.watch_namespaces for obj in rt.kube.list(resource, ns, label_selector)]
+def converge_children(
+    rt: Runtime, model: CodeCompletionModel, nodes: Iterable[Mapping[str, Any]], full: bool = True
+) -> ChildrenState:
+    """Bring the model's children to the desired state (blocking API calls); `nodes` are the cluster's
+    Nodes as the index holds them (watch.node_entry).
 
-
-def publish_routes(rt: Runtime) -> dict[tuple[str, str], str | None]:
-    """Rebuild the route table from the fleet as it is; return {(ns, name): problem or None} per model."""
-    with rt.routes_lock:
-        models = _parse_models(_list_all(rt, MODELS))
-        selector = naming.component_selector(naming.COMPONENT_TRITON)
-        ready = {
-            (d["metadata"]["namespace"], d["metadata"]["labels"].get(naming.LABEL_MODEL, ""))
-            for d in _list_all(rt, DEPLOYMENTS, selector)
-            if ((d.get("status") or {}).get("readyReplicas") or 0) >= 1
-        }
-        entries, problems = builders.route_entries(models, ready, rt.settings)
-        rt.kube.apply(builders.routes_configmap(entries, rt.settings))
-    result: dict[tuple[str, str], str | None] = {(m.namespace, m.name): None for m in models}
-    result.update(problems)
-    return result
-
-
-def reconcile(rt: Runtime, model: CodeCompletionModel) -> Outcome:
-    """Bring the model's children to the desired state and report where it stands."""
+    A full pass applies every child and prunes unwanted ones; otherwise (a child changed, so the model
+    moves on) only the fetch Job and, once the weights are ready, the Deployment are applied.
+    """
     kube, settings = rt.kube, rt.settings
     ns, name = model.namespace, model.name
     req = gpu.requirement_for(model.spec, settings)
-    problem = gpu.no_suitable_gpu(req, kube.list(NODES))
+    problem = gpu.no_suitable_gpu(req, nodes)
     deployment: dict[str, Any] | None
     weights_reason = FETCH_FAILED
     if problem:
@@ -211,8 +204,10 @@ def reconcile(rt: Runtime, model: CodeCompletionModel) -> Outcome:
             # The fetch Job's identity exists before the Job, or its pods are refused.
             *builders.fetch_rbac_for_model(model, settings),
         ]
-        apply_all(kube, fixed)
-        job = kube.apply(builders.fetch_job_for_model(model, settings))
+        if full:
+            apply_all(kube, fixed)
+        desired_job = builders.fetch_job_for_model(model, settings)
+        job = kube.apply(desired_job)
         job_pods = (
             kube.list(PODS, ns, f"{JOB_NAME_LABEL}={job['metadata']['name']}") if job_failed(job) else []
         )
@@ -222,7 +217,8 @@ def reconcile(rt: Runtime, model: CodeCompletionModel) -> Outcome:
         else:
             # New weights are on their way: the running Deployment keeps serving the old ones meanwhile.
             deployment = kube.get(DEPLOYMENTS, ns, naming.triton_name(name))
-        prune(kube, ns, name, [*fixed, builders.fetch_job_for_model(model, settings), desired_deployment])
+        if full:
+            prune(kube, ns, name, [*fixed, desired_job, desired_deployment])
 
     pods = kube.list(
         PODS,
@@ -230,42 +226,72 @@ def reconcile(rt: Runtime, model: CodeCompletionModel) -> Outcome:
         ",".join(f"{k}={v}" for k, v in naming.selector_labels(name, naming.COMPONENT_TRITON).items()),
     )
     scheduled, unschedulable = pod_scheduling(pods) if deployment else (0, None)
-    ready_replicas = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
-
-    routed = publish_routes(rt)
-    key = (ns, name)
-    observed = Observed(
-        generation=model.generation,
+    return ChildrenState(
         weights=weights,
+        weights_reason=weights_reason,
         weights_message=weights_message,
         gpu_problem=problem,
-        desired_replicas=model.spec.replicas.min,
         scheduled_pods=scheduled,
         unschedulable=unschedulable,
-        ready_replicas=ready_replicas,
+        ready_replicas=current_ready_replicas(deployment),
+    )
+
+
+def settle_status(
+    rt: Runtime, model: CodeCompletionModel, children: ChildrenState, routed: RouteResult
+) -> Outcome:
+    """Compute the model's status and write it if it changed (a blocking API call)."""
+    key = (model.namespace, model.name)
+    observed = Observed(
+        generation=model.generation,
+        weights=children.weights,
+        weights_message=children.weights_message,
+        gpu_problem=children.gpu_problem,
+        desired_replicas=model.spec.replicas.min,
+        scheduled_pods=children.scheduled_pods,
+        unschedulable=children.unschedulable,
+        ready_replicas=children.ready_replicas,
         routed=key in routed and routed[key] is None,
         route_problem=routed.get(key),
-        url=builders.grpc_endpoint(model, settings),
-        weights_reason=weights_reason,
+        url=builders.grpc_endpoint(model, rt.settings),
+        weights_reason=children.weights_reason,
     )
     new = compute_status(model.status, observed, now_rfc3339())
     patch = status_patch(new)
     if patch != status_patch(model.status):
-        kube.merge_patch(MODELS, ns, name, patch, subresource="status")
+        rt.kube.merge_patch(MODELS, model.namespace, model.name, patch, subresource="status")
     ready = any(c.type is ConditionType.READY and c.status.value == "True" for c in new.conditions)
     return Outcome(
         status=new,
         transitions=transitions(model.status, new),
-        converged=ready or problem is not None or weights is WeightsState.FAILED,
-        permanent_problem=problem,
+        converged=ready or children.gpu_problem is not None or children.weights is WeightsState.FAILED,
+        permanent_problem=children.gpu_problem,
     )
 
 
-def cleanup(rt: Runtime, model: CodeCompletionModel) -> None:
+async def reconcile(rt: Runtime, model: CodeCompletionModel, fleet: Fleet, full: bool = True) -> Outcome:
+    """Bring the model's children to the desired state, publish the routes, and report where it stands
+    (`full`: see converge_children).
+
+    Runs on kopf's event loop; the blocking API calls run in threads, the route table on the loop, where
+    the indexes in `fleet` live.
+    """
+    children = await asyncio.to_thread(converge_children, rt, model, fleet.node_list(), full)
+    key = (model.namespace, model.name)
+    routed = await rt.routes.publish(fleet.models, fleet.ready, asked_by=key)
+    return await asyncio.to_thread(settle_status, rt, model, children, routed)
+
+
+async def cleanup(rt: Runtime, model: CodeCompletionModel, fleet: Fleet) -> None:
     """On deletion: drop the model's routes and, when retained, free its PVC from garbage collection."""
-    publish_routes(rt)
+    await rt.routes.publish(fleet.models, fleet.ready)
     if model.spec.storage.retain_on_delete:
-        pvc = naming.pvc_name(model.name)
-        if rt.kube.get(PVCS, model.namespace, pvc) is not None:
-            rt.kube.merge_patch(PVCS, model.namespace, pvc, {"metadata": {"ownerReferences": None}})
-            log.info("kept PVC %s/%s (retainOnDelete)", model.namespace, pvc)
+        await asyncio.to_thread(release_pvc, rt.kube, model)
+
+
+def release_pvc(kube: Kube, model: CodeCompletionModel) -> None:
+    """Remove the weights PVC's owner reference, so that garbage collection keeps it."""
+    pvc = naming.pvc_name(model.name)
+    if kube.get(PVCS, model.namespace, pvc) is not None:
+        kube.merge_patch(PVCS, model.namespace, pvc, {"metadata": {"ownerReferences": None}})
+        log.info("kept PVC %s/%s (retainOnDelete)", model.namespace, pvc)

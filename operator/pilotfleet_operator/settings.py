@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any
 
 from pydantic import Field, field_validator
@@ -33,6 +34,11 @@ class CapabilityRange(tuple[tuple[int, int], tuple[int, int]]):
         return cls(bounds)
 
 
+def local_image(name: str, tag_suffix: str = "") -> str:
+    """The reference `make images` gives our image `name` at this package's version (docs/images.md)."""
+    return f"localhost/{name}:{importlib.metadata.version('pilotfleet')}{tag_suffix}"
+
+
 class Settings(BaseSettings):
     """Operator settings; every field is `PILOTFLEET_OPERATOR_<FIELD>` in the environment."""
 
@@ -55,21 +61,23 @@ class Settings(BaseSettings):
     retry_period_s: int = Field(default=2, ge=1)
     """Seconds between Lease attempts."""
     fastertransformer_image: str = "moyix/triton_with_ft:22.09"
-    """Triton image with the FasterTransformer backend (FauxPilot's)."""
+    """Triton image with the FasterTransformer backend: FauxPilot's, built elsewhere, not by `make images`."""
     fastertransformer_compute_capability: str = "7.0-8.6"
     """Compute capabilities the FT image has kernels for (it was built for sm_70..sm_86)."""
-    python_image: str = "nvcr.io/nvidia/tritonserver:24.08-pyt-python-py3"
-    """Triton image with the Python backend and PyTorch."""
+    python_image: str = Field(default_factory=lambda: local_image("pilotfleet-triton-cpu", "-torch"))
+    """Triton image with the Python backend, torch and our Hugging Face model (`pilotfleet_serve.hf_model`):
+    the torch variant of `pilotfleet images build --with-torch`."""
     python_compute_capability: str = "7.0-9.0"
     """Compute capabilities the Python-backend image supports."""
-    fetch_image: str = "ghcr.io/pilotfleet/pilotfleet:0.1.0"
-    """Image that runs `pilotfleet fetch` in the weights Job."""
+    fetch_image: str = Field(default_factory=lambda: local_image("pilotfleet"))
+    """Image that runs `pilotfleet fetch` in the weights Job; the chart passes its own (the operator's)."""
     shm_size: str = "2Gi"
     """Size of /dev/shm of Triton pods (NCCL between tensor-parallel GPUs and the Python backend use it)."""
     cluster_domain: str = ""
     """Appended to Service host names in the route table when set (e.g. `cluster.local`)."""
     retry_delay: float = Field(default=5.0, gt=0)
-    """Seconds between checks while a model converges (weights fetching, pods starting)."""
+    """Seconds before a reconcile that failed on an API error is tried again (a converging model moves on
+    with its children's watch events, not by polling)."""
     fetch_backoff_limit: int = Field(default=4, ge=0)
     """Pod retries of a weights fetch Job after transient failures (Stalled, Unreachable); permanent ones
     (NotFound, ChecksumMismatch, ...) fail the Job at once."""

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -225,6 +226,24 @@ def read_rows(
 def _final(result: grpcclient.InferResult) -> bool:
     parameters = result.get_response().parameters
     return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
+
+
+async def end_stream(responses: Any, timeout: float) -> None:
+    """Wait for Triton to end a decoupled stream whose final response has come (our side already closed).
+
+    Cancelling the call instead, in the moment between the final response and the end of the call, leaves
+    the request's state behind in Triton (2.51): its model can never unload, so a graceful stop or an
+    unload waits out Triton's whole exit timeout. Cancel only if the stream does not end.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            async for _ in responses:
+                pass  # the final response was the last: nothing comes before the end
+    except (TimeoutError, grpc.RpcError):
+        responses.cancel()
+    except asyncio.CancelledError:
+        responses.cancel()
+        raise
 
 
 class ModelBackend:
@@ -501,6 +520,7 @@ class ModelBackend:
 
         with self._lease(endpoint):
             responses = endpoint.client.stream_infer(requests())
+            answered = False
             try:
                 while True:
                     try:
@@ -521,12 +541,15 @@ class ModelBackend:
                         ) from exc
                     if error is not None:
                         raise error
-                    final = _final(result)
+                    final = answered = _final(result)
                     yield Step(rows=read_rows(result, prompt_lengths, want_logprobs), final=final)
                     if final:
                         return
             finally:
                 finished.set()
-                # Cancelling the call is what tells Triton to stop generating (the model sees
-                # request.is_cancelled()); after the final response it changes nothing.
-                responses.cancel()
+                if answered:
+                    await end_stream(responses, self.settings.request_timeout_s)
+                else:
+                    # Cancelling the call is what tells Triton to stop generating (the model sees
+                    # request.is_cancelled()).
+                    responses.cancel()

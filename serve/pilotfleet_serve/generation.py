@@ -226,6 +226,14 @@ class Decoder(Protocol):
         ...
 
 
+def rows_to_admit(decoder: Decoder, specs: Sequence[Row]) -> list[Row]:
+    """The rows of `specs` that still run; raise ValueError when they do not fit `decoder` now."""
+    rows = [r for r in specs if not r.done]
+    if len(rows) > decoder.free_rows():
+        raise ValueError(f"{len(rows)} rows do not fit: {decoder.free_rows()} free")
+    return rows
+
+
 def model_call_options(model: PreTrainedModel) -> tuple[str, bool]:
     """The name of the model's cache argument and whether it accepts `logits_to_keep`."""
     accepted = inspect.signature(model.forward).parameters
@@ -261,11 +269,9 @@ class BatchDecoder:
 
     def admit(self, specs: Sequence[Row]) -> None:
         """Prefill new rows, choose their first token, and merge them into the running batch."""
-        rows = [r for r in specs if not r.done]
+        rows = rows_to_admit(self, specs)
         if not rows:
             return
-        if len(rows) > self.free_rows():
-            raise ValueError(f"{len(rows)} rows do not fit: {self.free_rows()} free")
         width = max(len(r.spec.prompt) for r in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

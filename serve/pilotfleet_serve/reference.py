@@ -7,23 +7,26 @@ benchmarks can use the same architectures at full size.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import CodeGenConfig, CodeGenForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+# The sizes of our tiny Llama-style decoders (grouped-query attention: 4 heads share 2 key/value heads).
+TINY_DECODER_SIZES: dict[str, Any] = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 def tiny_llama(seed: int = 0) -> PreTrainedModel:
     """A two-layer Llama (SmolLM2's architecture: grouped-query attention, rotary), random weights."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    config = LlamaConfig(**TINY_DECODER_SIZES, max_position_embeddings=256)
     return LlamaForCausalLM(config).eval()
 
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import httpx
 from pilotfleet_proxy.routes import ModelRoute, RouteTable
-from pilotfleet_testbed.triton import TritonServer
 
 from pilotfleet_serve import smollm2
 from pilotfleet_serve.repository import HFModelConfig, write_hf_model
+from pilotfleet_serve.tritonserver import TritonServer
 
 log = logging.getLogger(__name__)
 

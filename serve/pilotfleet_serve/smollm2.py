@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from pilotfleet_testbed.paths import cache_dir, cache_lock
+from pilotfleet_serve.cache import cache_dir, cache_lock
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from pilotfleet_serve.generation import (
     accept_tokens,
     choose_tokens,
     model_call_options,
+    rows_to_admit,
 )
 
 log = logging.getLogger(__name__)
@@ -158,11 +159,9 @@ class StaticBatchDecoder:
 
     def admit(self, specs: Sequence[Row]) -> None:
         """Prefill new rows into free slots, choose their first token, and add them to the running batch."""
-        rows = [r for r in specs if not r.done]
+        rows = rows_to_admit(self, specs)
         if not rows:
             return
-        if len(rows) > self.free_rows():
-            raise ValueError(f"{len(rows)} rows do not fit: {self.free_rows()} free")
         for row in rows:
             need = len(row.spec.prompt) + row.spec.max_new_tokens - 1
             if not row.spec.prompt or need > self.max_len:

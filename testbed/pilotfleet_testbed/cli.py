@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 
-from pilotfleet_testbed import demo, paths, procs, stack
+from pilotfleet_serve import procs
+
+from pilotfleet_testbed import demo, paths, stack
 
 log = logging.getLogger(__name__)
 

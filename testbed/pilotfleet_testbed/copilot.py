@@ -49,8 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pilotfleet_testbed import procs, versions
-from pilotfleet_testbed.paths import cache_dir, cache_lock
+from pilotfleet_serve import procs
+from pilotfleet_serve.cache import cache_dir, cache_lock
+from pilotfleet_serve.procs import run_checked
+
+from pilotfleet_testbed import versions
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +102,10 @@ def ensure_copilot_language_server(version: str = versions.COPILOT_LANGUAGE_SERV
             return binary
         prefix.mkdir(parents=True, exist_ok=True)
         argv = ["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", f"{PACKAGE}@{version}"]
-        procs.run_checked(argv, timeout=900)
+        run_checked(argv, timeout=900)
         if not binary.is_file():
             raise procs.StartError(f"npm installed {PACKAGE}@{version} but {binary} is missing")
-        reported = procs.run_checked([str(binary), "--version"], timeout=60).strip()
+        reported = run_checked([str(binary), "--version"], timeout=60).strip()
         if reported != version:
             raise procs.StartError(f"{binary} --version says {reported!r}, the pin is {version}")
         (prefix / _STAMP).write_text(f"{PACKAGE}@{version}\n")

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 import yaml
+from pilotfleet_serve import procs
 
-from pilotfleet_testbed import chart, kube, operator_proc, paths, procs, stack
+from pilotfleet_testbed import chart, kube, operator_proc, paths, stack
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,6 @@ place after a stamp file is written, so an interrupted build is never mistaken f
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -16,12 +14,13 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pilotfleet_serve.cache import cache_dir, cache_lock
+
 from pilotfleet_testbed import versions
-from pilotfleet_testbed.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -163,24 +162,12 @@ def _write_wrapper(build: GoBuild) -> Path:
     return src
 
 
-@contextlib.contextmanager
-def _build_lock(build: GoBuild) -> Iterator[None]:
-    """Serialize builds of the same binary across processes (two pytest runs started at once)."""
-    lock_path = cache_dir() / "locks" / f"{build.name}-{build.version}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure(build: GoBuild) -> Path:
     """Return the bin folder of `build`, building it first if no finished build is cached."""
     if build.done():
         return build.bin_dir
-    with _build_lock(build):
+    # Serializes builds of the same binary across processes (two pytest runs started at once).
+    with cache_lock(f"{build.name}-{build.version}"):
         if build.done():
             return build.bin_dir
         log.warning(

@@ -24,8 +24,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pilotfleet_testbed import procs
-from pilotfleet_testbed.paths import cache_dir, cache_lock, project_root
+from pilotfleet_serve import procs
+from pilotfleet_serve.cache import cache_dir, cache_lock
+from pilotfleet_serve.procs import run_checked
+
+from pilotfleet_testbed.paths import project_root
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +215,7 @@ def _make_rootfs_tar(spec: BaseSpec, tarball: Path) -> None:
         began = time.monotonic()
         log.info("debootstrap %s (%s) into %s: a minute or two", spec.suite, ", ".join(spec.packages), rootfs)
         try:
-            procs.run_checked(spec.debootstrap_argv(rootfs), timeout=BUILD_TIMEOUT_S)
+            run_checked(spec.debootstrap_argv(rootfs), timeout=BUILD_TIMEOUT_S)
         except procs.StartError as exc:
             raise ImageError(f"debootstrap failed: {exc}") from exc
         for relative in BASE_TRIM:
@@ -224,7 +227,7 @@ def _make_rootfs_tar(spec: BaseSpec, tarball: Path) -> None:
                     else:
                         child.unlink()
         partial = tarball.with_suffix(".partial")
-        procs.run_checked(
+        run_checked(
             ["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-cf", str(partial), "."],
             timeout=BUILD_TIMEOUT_S,
         )

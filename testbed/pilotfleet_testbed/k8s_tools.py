@@ -19,9 +19,10 @@ import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
+from pilotfleet_serve.cache import cache_dir, cache_lock
+from pilotfleet_serve.procs import StartError, run_checked
+
 from pilotfleet_testbed import versions
-from pilotfleet_testbed.paths import cache_dir, cache_lock
-from pilotfleet_testbed.procs import StartError, run_checked
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pilotfleet_serve import procs
+from pilotfleet_serve.procs import Process, StartError
 
-from pilotfleet_testbed import gobuild, procs
-from pilotfleet_testbed.procs import Process, StartError
+from pilotfleet_testbed import gobuild
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,13 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from pilotfleet_testbed import procs
+from pilotfleet_serve import procs
 
 log = logging.getLogger(__name__)
 
-# kopf and our API layer both name the status when the API server refuses a request.
-_REFUSED = re.compile(r"\b403\b|forbidden", re.IGNORECASE)
+# kopf (APIForbiddenError) and the kubernetes client ("(403) Reason: Forbidden") both name the reason;
+# a bare "403" would also match log timestamps such as "01:33:58,403".
+_REFUSED = re.compile(r"forbidden", re.IGNORECASE)
 
 
 def operator_env(

@@ -14,9 +14,9 @@ import pytest
 from pilotfleet_proxy.routes import FimTemplate, ModelRoute, RouteTable
 from pilotfleet_proxy.testing import ProxyServer
 from pilotfleet_proxy.tokenizer import Tokenizer
+from pilotfleet_serve.tritonserver import TritonServer
 
 from pilotfleet_testbed.tokenizers import END_OF_TEXT_ID, gpt2_tokenizer_json
-from pilotfleet_testbed.triton import TritonServer
 from pilotfleet_testbed.triton_models.echo_rule import EchoRow, generate
 
 ProxyServerFactory = Callable[..., ProxyServer]

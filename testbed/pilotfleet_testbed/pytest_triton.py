@@ -6,8 +6,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pilotfleet_serve.tritonserver import TritonServer
 
-from pilotfleet_testbed.triton import TritonServer, build_model_repository
+from pilotfleet_testbed.triton import build_model_repository
 
 TritonServerFactory = Callable[..., TritonServer]
 

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pilotfleet_testbed import copilot, gobuild, k8s_tools, kube, nodes, procs, triton
+from pilotfleet_serve import procs, tritonserver
+
+from pilotfleet_testbed import copilot, gobuild, k8s_tools, kube, nodes, triton
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,8 @@ def build(timings: Timings | None = None) -> Parts:
     language_server = copilot.ensure_copilot_language_server()
     timings.measure("install copilot language server", began)
     began = time.monotonic()
-    triton.check_numpy()
-    triton.find_dist()
+    tritonserver.check_numpy()
+    tritonserver.find_dist()
     timings.measure("check triton", began)
     return Parts(kube=kube_bins, tools=tools, copilot_language_server=language_server)
 
@@ -110,7 +112,7 @@ def up(state: Path, timings: Timings | None = None) -> Running:
         timings.measure("create node pool", began)
         began = time.monotonic()
         repo = triton.build_model_repository(state / "models")
-        server = triton.TritonServer.start(repo, state / "triton")
+        server = tritonserver.TritonServer.start(repo, state / "triton")
         timings.measure("start triton", began)
     except BaseException:
         cluster.stop()
@@ -140,7 +142,7 @@ def down(state: Path) -> bool:
     if running.operator_pid is not None:
         procs.stop_group(running.operator_pid)
     procs.stop_group(running.triton_pid)
-    for region in triton.SHM_DIR.glob(f"{running.triton_shm_prefix}*"):
+    for region in tritonserver.SHM_DIR.glob(f"{running.triton_shm_prefix}*"):
         region.unlink(missing_ok=True)
     kube.stop_recorded(running.cluster_pids)
     (state / STATE_FILE).unlink()

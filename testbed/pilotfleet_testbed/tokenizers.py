@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from pilotfleet_testbed.paths import cache_dir
+from pilotfleet_serve.cache import cache_dir
 
 log = logging.getLogger(__name__)
 

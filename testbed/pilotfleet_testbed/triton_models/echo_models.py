@@ -1,7 +1,7 @@
 """The echo models' Triton Python-backend classes (`TritonPythonModel`s); imported only by the backend stub.
 
 A built model repository holds a two-line `model.py` that imports one of these classes. That works
-because the stub runs the testbed's own virtual environment (`triton.server_env` puts its bin first
+because the stub runs the testbed's own virtual environment (`tritonserver.server_env` puts its bin first
 on PATH), where this package is installed; the rule lives in one module, `echo_rule`, next to this one.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from pilotfleet_serve.ft_input import FTInputError
 
 from pilotfleet_testbed.triton_models.echo_rule import (
-    EchoInputError,
     EchoRow,
     ft_outputs,
     generate,
@@ -35,7 +35,7 @@ def _optional(request: Any, name: str) -> np.ndarray | None:
 def _required(request: Any, name: str) -> np.ndarray:
     array = _optional(request, name)
     if array is None:
-        raise EchoInputError(f"missing input tensor {name}")
+        raise FTInputError(f"missing input tensor {name}")
     return array
 
 
@@ -77,7 +77,7 @@ class _EchoBase:
         """A Triton error response: INVALID_ARG for a bad request, INTERNAL for anything else."""
         code = (
             pb_utils.TritonError.INVALID_ARG
-            if isinstance(exc, EchoInputError)
+            if isinstance(exc, FTInputError)
             else pb_utils.TritonError.INTERNAL
         )
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))
@@ -97,7 +97,7 @@ class EchoModel(_EchoBase):
                 time.sleep(self.token_delay_s * max((len(g) for g in generations), default=0))
                 width = _required(request, "input_ids").shape[1]
                 responses.append(self.response(ft_outputs(rows, generations, steps, width, log_probs)))
-            except EchoInputError as exc:
+            except FTInputError as exc:
                 responses.append(self.error_response(exc))
         return responses
 

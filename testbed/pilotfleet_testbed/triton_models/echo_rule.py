@@ -21,10 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-
-
-class EchoInputError(ValueError):
-    """The request's tensors are inconsistent (the client sees this as a Triton error)."""
+from pilotfleet_serve.ft_input import FTInputError, parse_word_list
 
 
 @dataclass(frozen=True)
@@ -60,23 +57,6 @@ def generate(row: EchoRow) -> list[int]:
     return generated
 
 
-def parse_stop_words(words: npt.NDArray[np.int32]) -> tuple[tuple[int, ...], ...]:
-    """Decode one row of FT's `stop_words_list` ([2, N]: flattened ids, then end offsets padded with -1)."""
-    if words.ndim != 2 or words.shape[0] != 2:
-        raise EchoInputError(f"stop_words_list rows must have shape [2, N], got {list(words.shape)}")
-    ids, offsets = words[0].tolist(), words[1].tolist()
-    result: list[tuple[int, ...]] = []
-    start = 0
-    for end in offsets:
-        if end < 0:
-            break
-        if end < start or end > len(ids):
-            raise EchoInputError(f"stop_words_list offset {end} out of order or past {len(ids)} ids")
-        result.append(tuple(ids[start:end]))
-        start = end
-    return tuple(result)
-
-
 def rows_from_tensors(
     input_ids: npt.NDArray[np.uint32],
     input_lengths: npt.NDArray[np.uint32],
@@ -87,16 +67,16 @@ def rows_from_tensors(
 ) -> list[EchoRow]:
     """Turn FT-shaped request tensors ([B, L], [B, 1], ...) into rows, checking them like FT would."""
     if input_ids.ndim != 2:
-        raise EchoInputError(f"input_ids must have shape [B, L], got {list(input_ids.shape)}")
+        raise FTInputError(f"input_ids must have shape [B, L], got {list(input_ids.shape)}")
     width = input_ids.shape[1]
     rows = []
     for b in range(input_ids.shape[0]):
         length = int(input_lengths[b].reshape(-1)[0])
         if length > width:
-            raise EchoInputError(f"input_lengths[{b}] = {length} exceeds input_ids width {width}")
+            raise FTInputError(f"input_lengths[{b}] = {length} exceeds input_ids width {width}")
         output_len = int(request_output_len[b].reshape(-1)[0])
         if length + output_len > max_seq_len:
-            raise EchoInputError(
+            raise FTInputError(
                 f"row {b}: prompt ({length}) + request_output_len ({output_len}) "
                 f"exceeds max_seq_len {max_seq_len}"
             )
@@ -105,7 +85,7 @@ def rows_from_tensors(
                 prompt=tuple(int(t) for t in input_ids[b, :length]),
                 output_len=output_len,
                 end_id=None if end_id is None else int(end_id[b].reshape(-1)[0]),
-                stop_words=() if stop_words_list is None else parse_stop_words(stop_words_list[b]),
+                stop_words=() if stop_words_list is None else parse_word_list(stop_words_list[b]),
             )
         )
     return rows

@@ -1,4 +1,7 @@
-"""Start, watch and stop the testbed's child processes: one place for logs, readiness and cleanup."""
+"""Start, watch and stop child processes: one place for logs, readiness and cleanup.
+
+`pilotfleet serve` runs its Triton with these; the testbed runs all of its parts with them.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class StartError(RuntimeError):
-    """A testbed part could not start; the message says which and shows the end of its log."""
+    """A part (Triton, a testbed component) could not start; the message says which and shows its log."""
 
 
 def free_port() -> int:
@@ -44,7 +47,7 @@ def log_tail(path: Path, lines: int = 30) -> str:
 
 @dataclass
 class Process:
-    """A child process started by the testbed, with its own log file and process group."""
+    """A child process we started, with its own log file and process group."""
 
     name: str
     popen: subprocess.Popen[bytes]

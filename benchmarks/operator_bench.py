@@ -12,11 +12,12 @@ A10, T4) and runs, in this order:
 3. scale: the fleet (200 by default) applied at once, bare pairs first, then models: time to all ready,
    and the operator's peak resident memory (VmHWM of its process).
 
-Times come from polling the API every `POLL_S`; the operator retries a converging model every
-`--retry-delay` seconds (its default, 5 s, unless set), which dominates its time to Ready. Prints a
-Markdown table. The file's name shadows the stdlib `operator` module, so run it with `-P`:
+Times come from polling the API every `POLL_S`; the operator moves a converging model on when its
+children change (`--retry-delay` only spaces retries after API errors). Prints a Markdown table.
+(Named `operator_bench.py`, not `operator.py`: a script's folder comes first on sys.path, and a file named
+`operator.py` there would shadow the stdlib module for every benchmark in this folder.)
 
-    .venv/bin/python -P benchmarks/operator.py [--models 20] [--fleet 200] [--fleet-nodes 100]
+    .venv/bin/python benchmarks/operator_bench.py [--models 20] [--fleet 200] [--fleet-nodes 100]
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from pilotfleet_operator.apply import (
     Resource,
 )
 from pilotfleet_operator.settings import Settings
-from pilotfleet_testbed import demo, gobuild, kube, nodes, operator_proc, paths, procs
+from pilotfleet_serve import procs
+from pilotfleet_testbed import demo, gobuild, kube, nodes, operator_proc, paths
 
 log = logging.getLogger("benchmarks.operator")
 
