@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from pilotfleet_testbed import nodes
+from pilotfleet_testbed.leftovers import processes_mentioning
 
 pytestmark = pytest.mark.testbed
 
@@ -67,19 +68,6 @@ def node_capability() -> dict[str, tuple[int, int] | None]:
         major = labels.get("nvidia.com/gpu.compute.major")
         minor = labels.get("nvidia.com/gpu.compute.minor")
         found[node["metadata"]["name"]] = (int(major), int(minor)) if major and minor else None
-    return found
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of running processes that mention `text` (the demo's state folder)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in argv:
-            found.append(argv)
     return found
 
 

@@ -16,6 +16,7 @@ from kubernetes.client.rest import ApiException
 from pilotfleet_serve import procs
 from pilotfleet_testbed import gobuild, kube, nodes, versions
 from pilotfleet_testbed.kube import Cluster, StartError
+from pilotfleet_testbed.leftovers import processes_mentioning
 
 pytestmark = pytest.mark.testbed
 
@@ -341,7 +342,7 @@ def test_cluster_stops_without_leftovers(tmp_path: Path, kube_cluster: Cluster) 
     finally:
         cluster.stop()
     assert components == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"}
-    assert not _processes_mentioning(str(tmp_path))
+    assert not processes_mentioning(str(tmp_path))
     assert not any(procs.port_open(p) for p in ports)
 
 
@@ -371,7 +372,7 @@ def test_recorded_cluster_outlives_its_starter_and_stops_from_its_pids(tmp_path:
         assert (tmp_path / "kubeconfig").exists()
     finally:
         kube.stop_recorded(state["pids"])
-    assert not _processes_mentioning(str(tmp_path))
+    assert not processes_mentioning(str(tmp_path))
     assert not any(procs.port_open(p) for p in state["ports"])
 
 
@@ -388,17 +389,4 @@ def test_a_component_that_dies_fails_start_with_its_log(tmp_path: Path) -> None:
     with pytest.raises(StartError, match="kube-scheduler exited"):
         Cluster.start(tmp_path, broken)
     assert (tmp_path / "logs" / "kube-apiserver.log").exists()
-    assert not _processes_mentioning(str(tmp_path))
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    """Command lines of running processes that contain `text` (our components name their workdir)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in argv:
-            found.append(argv)
-    return found
+    assert not processes_mentioning(str(tmp_path))
