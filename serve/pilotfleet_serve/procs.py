@@ -133,8 +133,15 @@ def start(
     return Process(name=name, popen=popen, log_path=log_path)
 
 
-def stop_group(pid: int, timeout: float = 10.0) -> None:
-    """Terminate the group led by `pid` (started by an earlier command, not our child), then SIGKILL."""
+def stop_group(pid: int, command: str, timeout: float = 10.0) -> None:
+    """Terminate the group led by `pid` (started by an earlier command, not our child), then SIGKILL.
+
+    The pid comes from a record that may be stale (the testbed died, the machine rebooted, the pid was
+    reused), so the group is signalled only while one of its processes still runs `command`.
+    """
+    if not any(command in argv for argv in _group_commands(pid)):
+        log.info("not stopping process group %d: none of it runs %s any more", pid, command)
+        return
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -148,11 +155,9 @@ def stop_group(pid: int, timeout: float = 10.0) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def group_running(pgid: int) -> bool:
-    """Return True while a process of group `pgid` still runs (zombies do not count).
-
-    `killpg(pgid, 0)` is not enough: an orphan's zombie lingers until init reaps it (about 2 s here).
-    """
+def _group_members(pgid: int) -> list[Path]:
+    """The /proc folders of the live (not zombie) processes of group `pgid`."""
+    members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             # The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
@@ -160,8 +165,25 @@ def group_running(pgid: int) -> bool:
         except (OSError, IndexError, ValueError):
             continue
         if int(group) == pgid and state != "Z":
-            return True
-    return False
+            members.append(stat.parent)
+    return members
+
+
+def _group_commands(pgid: int) -> list[str]:
+    """The command lines of the live processes of group `pgid`."""
+    commands = []
+    for member in _group_members(pgid):
+        with contextlib.suppress(OSError):
+            commands.append((member / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return commands
+
+
+def group_running(pgid: int) -> bool:
+    """Return True while a process of group `pgid` still runs (zombies do not count).
+
+    `killpg(pgid, 0)` is not enough: an orphan's zombie lingers until init reaps it (about 2 s here).
+    """
+    return bool(_group_members(pgid))
 
 
 def run_checked(argv: Sequence[str | os.PathLike[str]], timeout: float = 60.0) -> str:

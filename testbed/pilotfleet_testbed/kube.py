@@ -333,4 +333,4 @@ def stop_recorded(pids: Mapping[str, int]) -> None:
     """Stop components recorded from `Cluster.pids` by an earlier process (`pilotfleet testbed down`)."""
     for name in STOP_ORDER:
         if name in pids:
-            procs.stop_group(pids[name])
+            procs.stop_group(pids[name], name)

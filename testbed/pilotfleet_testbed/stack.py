@@ -140,8 +140,8 @@ def down(state: Path) -> bool:
         return False
     # The operator first: it would log every API error while the control plane goes away under it.
     if running.operator_pid is not None:
-        procs.stop_group(running.operator_pid)
-    procs.stop_group(running.triton_pid)
+        procs.stop_group(running.operator_pid, "operator")
+    procs.stop_group(running.triton_pid, "tritonserver")
     for region in tritonserver.SHM_DIR.glob(f"{running.triton_shm_prefix}*"):
         region.unlink(missing_ok=True)
     kube.stop_recorded(running.cluster_pids)
