@@ -164,6 +164,11 @@ class OperatorUnderTest:
             assert runner.exception is None, runner.output
             assert runner.exit_code == 0, runner.output
 
+    @property
+    def running(self) -> bool:
+        """True between `start()` and `stop()`."""
+        return self.runner is not None
+
     def restart(self) -> None:
         """Stop the running instance and start a fresh one (new process state, same cluster state)."""
         self.stop()
@@ -200,7 +205,7 @@ def operating(handle: Handle, kube: Kube, namespace: str) -> Iterator[Handle]:
         yield handle
     finally:
         # Delete the models while the operator runs, so that their finalizers are honoured.
-        if handle.runner is not None:
+        if handle.running:
             for model in kube.list(MODELS, namespace):
                 kube.delete(MODELS, namespace, model["metadata"]["name"])
             handle.wait_for(lambda: not kube.list(MODELS, namespace), "the models to be deleted", 60)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import test_operator_live as live
-from pilotfleet_operator.apply import MODELS, Kube
+from pilotfleet_operator.apply import Kube
 from pilotfleet_serve import procs
 from pilotfleet_testbed import chart, operator_proc
 
@@ -53,6 +53,11 @@ class ServiceAccountOperator(live.OperatorUnderTest):
         """Start the process; returns once kopf answers its liveness probe."""
         self.process = operator_proc.start_operator(self.kubeconfig, self.namespace, self.log_dir)
 
+    @property
+    def running(self) -> bool:
+        """True between `start()` and `stop()`."""
+        return self.process is not None
+
     def stop(self) -> None:
         """Stop the process, checking that it ended on its own after SIGTERM (exit status 0)."""
         process, self.process = self.process, None
@@ -85,15 +90,8 @@ def operator(
     """The operator as the chart's ServiceAccount, publishing routes in the test namespace (where the
     scenarios read them); its models are deleted, by it, before it stops."""
     handle = ServiceAccountOperator(operator_kubeconfig, k8s_namespace, tmp_path / "operator")
-    handle.start()
-    try:
+    with live.operating(handle, kube, k8s_namespace):
         yield handle
-    finally:
-        if handle.process is not None:
-            for model in kube.list(MODELS, k8s_namespace):
-                kube.delete(MODELS, k8s_namespace, model["metadata"]["name"])
-            handle.wait_for(lambda: not kube.list(MODELS, k8s_namespace), "the models to be deleted", 60)
-        handle.stop()
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__.removeprefix("test_"))
